@@ -1,0 +1,235 @@
+"""Index a received instance: patient, study, series and instance rows in one transaction.
+
+:class:`InstanceHeader` is a pure description read from a dataset; :func:`record_instance` writes
+it. Re-sent SOP Instance UIDs are idempotent: the first file and row stay, a counter goes up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from daemon.db.models import Instance, Patient, Series, Study, StudyState
+from daemon.errors import ConformanceError
+from daemon.receive.archive import is_valid_uid
+from daemon.receive.sop_classes import is_analysable
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value)[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceHeader:
+    """What the index needs from a dataset's header (no pixel data)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str
+    issuer: str
+    patient_name: str | None
+    birth_date: str | None
+    sex: str | None
+    study_date: str | None
+    accession_number: str | None
+    modality: str | None
+    series_number: int | None
+    manufacturer: str | None
+    model_name: str | None
+    instance_number: int | None
+    number_of_frames: int
+    rows: int | None
+    columns: int | None
+    photometric_interpretation: str | None
+
+    @property
+    def analysable(self) -> bool:
+        return is_analysable(self.sop_class_uid, self.manufacturer)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
+        """Read the header, raising :class:`ConformanceError` when a Type 1 UID is unusable.
+
+        PS3.3 C.12.1 (SOP Common), C.7.2.1 (General Study), C.7.3.1 (General Series): the SOP
+        Class/Instance, Study and Series Instance UIDs are Type 1 and must be valid UIDs.
+        """
+        uids: dict[str, str] = {}
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            value = str(ds.get(keyword, "") or "").strip().rstrip("\x00")
+            if not value:
+                raise ConformanceError(f"Type 1 attribute {keyword} is missing or empty")
+            if not is_valid_uid(value):
+                raise ConformanceError(f"{keyword} {value!r} is not a valid UID (PS3.5 §9.1)")
+            uids[keyword] = value
+        frames = _int(ds, "NumberOfFrames") or 1
+        return cls(
+            sop_class_uid=uids["SOPClassUID"],
+            sop_instance_uid=uids["SOPInstanceUID"],
+            study_instance_uid=uids["StudyInstanceUID"],
+            series_instance_uid=uids["SeriesInstanceUID"],
+            transfer_syntax_uid=transfer_syntax_uid,
+            patient_id=_text(ds, "PatientID", 64) or "",
+            issuer=_text(ds, "IssuerOfPatientID", 64) or "",
+            patient_name=_text(ds, "PatientName", 324),
+            birth_date=_text(ds, "PatientBirthDate", 8),
+            sex=_text(ds, "PatientSex", 16),
+            study_date=_text(ds, "StudyDate", 8),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            modality=_text(ds, "Modality", 16),
+            series_number=_int(ds, "SeriesNumber"),
+            manufacturer=_text(ds, "Manufacturer", 64),
+            model_name=_text(ds, "ManufacturerModelName", 64),
+            instance_number=_int(ds, "InstanceNumber"),
+            number_of_frames=max(frames, 1),
+            rows=_int(ds, "Rows"),
+            columns=_int(ds, "Columns"),
+            photometric_interpretation=_text(ds, "PhotometricInterpretation", 16),
+        )
+
+
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> int:
+    """INSERT that yields to a concurrent writer of the same unique key; return rows inserted."""
+    dialect = session.get_bind().dialect.name
+    stmt: postgresql.Insert | sqlite.Insert
+    if dialect == "postgresql":
+        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
+    else:  # pragma: no cover - only the two supported backends exist
+        raise NotImplementedError(dialect)
+    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+
+def _patient_pk(session: Session, h: InstanceHeader) -> int:
+    query = select(Patient.id).where(Patient.patient_id == h.patient_id, Patient.issuer == h.issuer)
+    pk = session.scalar(query)
+    if pk is None:
+        _insert_ignore(
+            session,
+            Patient,
+            {
+                "patient_id": h.patient_id,
+                "issuer": h.issuer,
+                "name": h.patient_name,
+                "birth_date": h.birth_date,
+                "sex": h.sex,
+            },
+        )
+        pk = session.scalar(query)
+    return int(pk)  # type: ignore[arg-type]
+
+
+def _study_pk(session: Session, h: InstanceHeader, calling_ae: str | None, now: datetime) -> int:
+    query = select(Study.id).where(Study.study_instance_uid == h.study_instance_uid)
+    pk = session.scalar(query)
+    if pk is None:
+        _insert_ignore(
+            session,
+            Study,
+            {
+                "study_instance_uid": h.study_instance_uid,
+                "patient_pk": _patient_pk(session, h),
+                "study_date": h.study_date,
+                "accession_number": h.accession_number,
+                "state": StudyState.RECEIVING.value,
+                "calling_ae": calling_ae,
+                "first_received_at": now,
+                "last_received_at": now,
+            },
+        )
+        pk = session.scalar(query)
+    # A new instance (re)opens the study: the stability clock restarts (mercure-style idle timeout).
+    session.execute(
+        update(Study)
+        .where(Study.id == pk)
+        .values(last_received_at=now, state=StudyState.RECEIVING, calling_ae=calling_ae)
+    )
+    return int(pk)  # type: ignore[arg-type]
+
+
+def _series_pk(session: Session, h: InstanceHeader, study_pk: int) -> int:
+    query = select(Series.id).where(Series.series_instance_uid == h.series_instance_uid)
+    pk = session.scalar(query)
+    if pk is None:
+        _insert_ignore(
+            session,
+            Series,
+            {
+                "series_instance_uid": h.series_instance_uid,
+                "study_pk": study_pk,
+                "modality": h.modality,
+                "series_number": h.series_number,
+                "manufacturer": h.manufacturer,
+                "model_name": h.model_name,
+            },
+        )
+        pk = session.scalar(query)
+    return int(pk)  # type: ignore[arg-type]
+
+
+def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
+    return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
+def count_duplicate(session: Session, sop_instance_uid: str) -> None:
+    session.execute(
+        update(Instance)
+        .where(Instance.sop_instance_uid == sop_instance_uid)
+        .values(duplicates=Instance.duplicates + 1)
+    )
+
+
+def record_instance(
+    session: Session,
+    header: InstanceHeader,
+    *,
+    path: str,
+    size_bytes: int,
+    calling_ae: str | None,
+    now: datetime,
+) -> bool:
+    """Insert the rows for a newly archived instance; return False if it was already indexed."""
+    study_pk = _study_pk(session, header, calling_ae, now)
+    series_pk = _series_pk(session, header, study_pk)
+    values = {
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "series_pk": series_pk,
+        "study_pk": study_pk,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "number_of_frames": header.number_of_frames,
+        "rows": header.rows,
+        "columns": header.columns,
+        "photometric_interpretation": header.photometric_interpretation,
+        "path": path,
+        "size_bytes": size_bytes,
+        "calling_ae": calling_ae,
+        "received_at": now,
+        "analysable": header.analysable,
+        "duplicates": 0,
+    }
+    if _insert_ignore(session, Instance, values):
+        return True
+    count_duplicate(session, header.sop_instance_uid)  # a concurrent association won the race
+    return False
