@@ -1,0 +1,82 @@
+"""Shared test utilities: polling, ports, peers, the real ultrasound corpus."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+
+DCMTK = Path("/usr/bin")
+PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, msg: str = "") -> object:
+    """Poll until ``predicate()`` is truthy; fail with ``msg`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for: {msg or predicate}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk(tool: str) -> str:
+    """Full path of a dcmtk binary (pynetdicom's same-named venv scripts shadow it on PATH)."""
+    path = DCMTK / tool
+    if not path.exists():
+        raise RuntimeError(f"{path} missing: install dcmtk (tests/run.sh does)")
+    return str(path)
+
+
+def run_peer(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=PEER_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _data_dirs() -> list[str]:
+    import data_store  # the pydicom-data package
+
+    return [
+        os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files"),
+        os.path.join(os.path.dirname(data_store.__file__), "data"),
+    ]
+
+
+@functools.cache
+def ultrasound_files() -> tuple[Path, ...]:
+    """Every ultrasound (Modality US) DICOM file shipped by pydicom and pydicom-data."""
+    found = []
+    for directory in _data_dirs():
+        for name in sorted(glob.glob(os.path.join(directory, "**", "*"), recursive=True)):
+            if not os.path.isfile(name):
+                continue
+            try:
+                ds = pydicom.dcmread(name, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - the corpus holds many non-DICOM files
+                continue
+            if ds.get("Modality") == "US" and "PixelData" in pydicom.dcmread(name):
+                found.append(Path(name))
+    if len(found) < 20:
+        raise RuntimeError(f"expected the pydicom + pydicom-data US corpus, found {len(found)}")
+    return tuple(found)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, dirs_exist_ok=True)
