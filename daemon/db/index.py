@@ -107,8 +107,8 @@ class InstanceHeader:
         )
 
 
-def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> int:
-    """INSERT that yields to a concurrent writer of the same unique key; return rows inserted."""
+def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
+    """INSERT that yields to a concurrent writer of the same unique key; True if it inserted."""
     dialect = session.get_bind().dialect.name
     stmt: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
@@ -117,7 +117,9 @@ def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -
         stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
     else:  # pragma: no cover - only the two supported backends exist
         raise NotImplementedError(dialect)
-    return int(session.execute(stmt).rowcount)  # type: ignore[attr-defined]
+    # RETURNING, not rowcount: the driver-level rowcount of ON CONFLICT DO NOTHING is not
+    # reported consistently across backends and SQLAlchemy execution paths.
+    return session.execute(stmt.returning(model.id)).first() is not None
 
 
 def _patient_pk(session: Session, h: InstanceHeader) -> int:

@@ -73,7 +73,7 @@ def _guarded(failure_status: int) -> Callable[[F], F]:
     """Turn any unexpected exception into ``failure_status``; the association survives.
 
     This is the one place a broad ``except`` is right: it is the boundary between a peer's bytes
-    and our process, and pynetdicom would otherwise answer with its own non-standard 0xC211.
+    and our process, and pynetdicom would otherwise answer with its own non-standard status.
     """
 
     def wrap(handler: F) -> F:

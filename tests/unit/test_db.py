@@ -1,0 +1,140 @@
+"""Index and stability on both backends: idempotent rows, jobs once, re-opened studies."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import func, select
+
+from daemon.db import migrate
+from daemon.db.engine import Database
+from daemon.db.index import InstanceHeader, record_instance
+from daemon.db.models import Instance, Job, JobState, Patient, Series, Study, StudyState
+from daemon.db.studies import counts, sweep
+from daemon.errors import ConformanceError
+
+US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    migrate.upgrade(database.engine)
+    yield database
+    database.dispose()
+
+
+def header(sop: str, study: str = "1.2.3", series: str = "1.2.3.1", **kw: object) -> InstanceHeader:
+    ds = Dataset()
+    ds.SOPClassUID = kw.pop("sop_class", US_IMAGE)
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientID = "PAT-1"
+    ds.PatientName = "Doe^Jane"
+    ds.Modality = "US"
+    ds.Manufacturer = kw.pop("manufacturer", "GE Healthcare")
+    ds.NumberOfFrames = kw.pop("frames", 1)
+    return InstanceHeader.from_dataset(ds, "1.2.840.10008.1.2.1")
+
+
+def store(db: Database, h: InstanceHeader, at: datetime, ae: str = "US1") -> bool:
+    with db.write() as session:
+        return record_instance(
+            session, h, path=f"{h.sop_instance_uid}.dcm", size_bytes=10, calling_ae=ae, now=at
+        )
+
+
+def n(db: Database, model: type) -> int:
+    with db.read() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def stable(db: Database, at: datetime, wait: float = 60) -> tuple[int, int]:
+    return sweep(db, at, lambda _ae: wait, wait)
+
+
+def test_rows_and_idempotent_resend(db: Database) -> None:
+    assert store(db, header("1.2.3.1.1"), T0) is True
+    assert store(db, header("1.2.3.1.2", frames=30), T0) is True
+    assert store(db, header("1.2.3.1.1"), T0) is False  # re-sent: no second row
+    assert (n(db, Patient), n(db, Study), n(db, Series), n(db, Instance)) == (1, 1, 1, 2)
+    with db.read() as session:
+        first = session.scalar(select(Instance).where(Instance.sop_instance_uid == "1.2.3.1.1"))
+        multi = session.scalar(select(Instance).where(Instance.sop_instance_uid == "1.2.3.1.2"))
+        assert first is not None and first.duplicates == 1
+        assert multi is not None and multi.number_of_frames == 30
+
+
+def test_stability_queues_jobs_once(db: Database) -> None:
+    store(db, header("1.2.3.1.1"), T0)
+    store(db, header("1.2.3.1.2"), T0)
+    store(db, header("1.2.3.1.3", sop_class=COMPREHENSIVE_SR), T0)  # stored, never analysed
+    store(db, header("1.2.3.1.4", manufacturer="usfmd"), T0)  # our own output: loop guard
+    assert stable(db, T0 + timedelta(seconds=59)) == (0, 0)  # not idle long enough
+    assert stable(db, T0 + timedelta(seconds=61)) == (1, 2)
+    assert stable(db, T0 + timedelta(seconds=120)) == (0, 0)  # nothing more to do
+    with db.read() as session:
+        jobs = list(session.scalars(select(Job)))
+        assert {j.state for j in jobs} == {JobState.QUEUED} and len(jobs) == 2
+        study = session.scalar(select(Study))
+        assert study is not None and study.state == StudyState.STABLE
+
+
+def test_late_instance_reopens_study_and_adds_only_its_job(db: Database) -> None:
+    store(db, header("1.2.3.1.1"), T0)
+    assert stable(db, T0 + timedelta(seconds=61)) == (1, 1)
+    late = T0 + timedelta(seconds=300)
+    store(db, header("1.2.3.1.9"), late)
+    with db.read() as session:
+        assert session.scalar(select(Study.state)) == StudyState.RECEIVING
+    assert stable(db, late + timedelta(seconds=30)) == (0, 0)
+    assert stable(db, late + timedelta(seconds=61)) == (1, 1)
+    assert n(db, Job) == 2
+
+
+def test_per_ae_stability(db: Database) -> None:
+    store(db, header("1.2.3.1.1"), T0, ae="FAST")
+    store(db, header("2.1", study="2", series="2.1"), T0, ae="SLOW")
+    waits = {"FAST": 5.0, "SLOW": 100.0}
+    result = sweep(db, T0 + timedelta(seconds=10), lambda ae: waits[ae or ""], 5.0)
+    assert result == (1, 1)
+
+
+def test_counts(db: Database) -> None:
+    store(db, header("1.2.3.1.1"), T0)
+    store(db, header("1.2.3.1.1"), T0)
+    store(db, header("1.2.3.1.3", sop_class=COMPREHENSIVE_SR), T0)
+    stable(db, T0 + timedelta(seconds=61))
+    report = counts(db.sessions())
+    assert report["studies"] == {"stable": 1}
+    assert report["instances"] == {
+        "total": 2,
+        "analysable": 1,
+        "stored_only": 1,
+        "duplicate_sends": 1,
+    }
+    assert report["jobs"] == {"queued": 1}
+
+
+@pytest.mark.parametrize("missing", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_header_requires_type1_uids(missing: str) -> None:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = US_IMAGE, "1.2.3.4"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2", "1.2.3"
+    delattr(ds, missing)
+    with pytest.raises(ConformanceError, match=missing):
+        InstanceHeader.from_dataset(ds, "1.2.840.10008.1.2")
+
+
+def test_header_refuses_invalid_uid() -> None:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = US_IMAGE, "1.2.abc"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2", "1.2.3"
+    with pytest.raises(ConformanceError, match="not a valid UID"):
+        InstanceHeader.from_dataset(ds, "1.2.840.10008.1.2")
