@@ -145,3 +145,16 @@ def test_settings_are_frozen() -> None:
     settings = load_settings()
     with pytest.raises(ValueError):
         settings.dicom.port = 1  # type: ignore[misc]
+
+
+def test_shipped_example_configuration_is_valid() -> None:
+    example = Path(__file__).resolve().parents[2] / "deploy" / "usfmd.example.toml"
+    settings = load_settings(example)
+    assert settings.dicom.port == 104 and settings.logging.json_format is True
+    assert int(settings.storage.min_free_space) == 20 * 2**30
+    assert settings.stable_seconds_for("VOLUSON_E10") == 30
+
+
+def test_json_logging_switch_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USFMD_LOGGING__JSON", "true")
+    assert load_settings().logging.json_format is True
