@@ -160,6 +160,34 @@ class StudySettings(_Section):
     sweep_interval_seconds: float = Field(default=2, gt=0)
 
 
+class QueueSettings(_Section):
+    """Job leases, retries and the local worker processes of ``usfmd serve``."""
+
+    #: Local worker processes started by ``usfmd serve`` (0: receive only; run ``usfmd worker``).
+    workers: int = Field(default=2, ge=0, le=64)
+    #: A claimed job belongs to its worker for this long; heartbeats extend it.
+    lease_seconds: float = Field(default=60, gt=0)
+    heartbeat_seconds: float = Field(default=10, gt=0)
+    #: After this many attempts a job is dead-lettered with its last error.
+    max_attempts: int = Field(default=5, ge=1)
+    #: Retry back-off: base × 2^(attempt−1), capped.
+    backoff_base_seconds: float = Field(default=10, ge=0)
+    backoff_max_seconds: float = Field(default=900, ge=0)
+    #: How long an idle worker waits before looking for work again.
+    poll_seconds: float = Field(default=0.5, gt=0)
+    #: SIGTERM: how long a worker may finish its current job before releasing it.
+    drain_seconds: float = Field(default=30, ge=0)
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> QueueSettings:
+        if self.heartbeat_seconds >= self.lease_seconds:
+            raise ValueError(
+                f"queue.heartbeat_seconds ({self.heartbeat_seconds}) must be shorter than "
+                f"queue.lease_seconds ({self.lease_seconds}) or leases expire while working"
+            )
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(default=False, alias="json")
@@ -182,6 +210,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     database: DatabaseSettings = DatabaseSettings()
     study: StudySettings = StudySettings()
+    queue: QueueSettings = QueueSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod
@@ -207,6 +236,23 @@ class Settings(BaseSettings):
             if ae.ae_title == calling_ae and ae.stable_seconds is not None:
                 return ae.stable_seconds
         return self.study.stable_seconds
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    """Plain values, secrets included, to hand the same configuration to a child process."""
+
+    def reveal(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, dict):
+            return {k: reveal(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [reveal(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    return dict(reveal(settings.model_dump(by_alias=True)))
 
 
 def _describe(error: Any) -> str:

@@ -17,6 +17,7 @@ from daemon.db.studies import sweep
 from daemon.receive.archive import Archive
 from daemon.receive.handlers import Receiver
 from daemon.receive.server import DicomServer
+from daemon.worker.process import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Daemon:
         self.receiver = Receiver(settings, self.archive, self.db)
         self.server = DicomServer(settings.dicom, self.receiver)
         self.scheduler = BackgroundScheduler(timezone=UTC)
+        self.workers = WorkerPool(settings, settings.queue.workers)
         self._stopped = threading.Event()
 
     def sweep_once(self) -> tuple[int, int]:
@@ -76,6 +78,7 @@ class Daemon:
             coalesce=True,
         )
         self.scheduler.start()
+        self.workers.start()
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -83,6 +86,7 @@ class Daemon:
         self._stopped.set()
         self.server.stop()
         self.scheduler.shutdown(wait=True)
+        self.workers.stop()
         self.receiver.close()
         self.db.dispose()
         log.info("usfmd stopped")

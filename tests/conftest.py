@@ -71,6 +71,8 @@ def make_settings(tmp_path: Path) -> SettingsFactory:
             "storage": {"data_dir": str(tmp_path / "data"), "min_free_space": 0},
             "dicom": {"port": free_port()},
             "study": {"stable_seconds": 1.0, "sweep_interval_seconds": 0.2},
+            # Receive tests run without worker processes; worker tests ask for them.
+            "queue": {"workers": 0},
         }
         for section, values in sections.items():
             base.setdefault(section, {}).update(values)

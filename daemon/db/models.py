@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -176,8 +178,11 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
-    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"))
-    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    #: The instance an ``analyze`` job works on; None for jobs about no instance (``probe``).
+    instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
+    study_pk: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    #: Kind-specific arguments (small JSON object).
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -186,6 +191,24 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(128))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class JobResult(Base):
+    """The effect of a finished job, committed in the same transaction as its completion.
+
+    One row per job (unique ``job_pk``) and the completion is conditional on the worker still
+    holding the lease, so a job has exactly one effect even when workers race.
+    """
+
+    __tablename__ = "job_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    worker: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class CommitmentRequest(Base):

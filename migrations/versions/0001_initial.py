@@ -1,4 +1,4 @@
-"""initial schema: index, jobs, storage commitment
+"""initial schema: index, jobs and their results, storage commitment
 
 Revision ID: 0001
 Revises: (none)
@@ -17,7 +17,6 @@ depends_on = None
 
 
 def upgrade() -> None:
-
     op.create_table(
         "commitment_requests",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -137,8 +136,9 @@ def upgrade() -> None:
         "jobs",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
-        sa.Column("instance_pk", sa.Integer(), nullable=False),
-        sa.Column("study_pk", sa.Integer(), nullable=False),
+        sa.Column("instance_pk", sa.Integer(), nullable=True),
+        sa.Column("study_pk", sa.Integer(), nullable=True),
+        sa.Column("params", sa.JSON(), nullable=True),
         sa.Column(
             "state",
             sa.Enum(
@@ -162,6 +162,7 @@ def upgrade() -> None:
         sa.Column("lease_owner", sa.String(length=128), nullable=True),
         sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["instance_pk"], ["instances.id"], name=op.f("fk_jobs_instance_pk_instances")
         ),
@@ -175,9 +176,24 @@ def upgrade() -> None:
         batch_op.create_index("ix_jobs_state_not_before", ["state", "not_before"], unique=False)
         batch_op.create_index(batch_op.f("ix_jobs_study_pk"), ["study_pk"], unique=False)
 
+    op.create_table(
+        "job_results",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("job_pk", sa.Integer(), nullable=False),
+        sa.Column("kind", sa.String(length=32), nullable=False),
+        sa.Column("worker", sa.String(length=128), nullable=False),
+        sa.Column("payload", sa.JSON(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["job_pk"], ["jobs.id"], name=op.f("fk_job_results_job_pk_jobs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_job_results")),
+        sa.UniqueConstraint("job_pk", name=op.f("uq_job_results_job_pk")),
+    )
+
 
 def downgrade() -> None:
-
+    op.drop_table("job_results")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_jobs_study_pk"))
         batch_op.drop_index("ix_jobs_state_not_before")

@@ -1,0 +1,1 @@
+"""Workers: claim jobs from the shared queue, run their handler, commit the effect."""

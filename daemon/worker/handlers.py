@@ -1,0 +1,67 @@
+"""Job handlers by kind. A handler computes outside any transaction and returns an
+:class:`Outcome`; the worker commits the outcome's effect together with the job's completion."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from daemon.config import Settings
+from daemon.db.engine import Database
+from daemon.db.models import JobState
+from daemon.db.queue import ClaimedJob
+from daemon.receive.archive import Archive
+
+PROBE = "probe"
+
+
+@dataclass
+class WorkContext:
+    """What a handler may use; ``lease_lost`` is set when a heartbeat finds the job taken over."""
+
+    settings: Settings
+    db: Database
+    archive: Archive
+    worker: str
+    lease_lost: threading.Event = field(default_factory=threading.Event)
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    payload: dict[str, Any]
+    state: JobState = JobState.DONE
+    effect: Callable[[Session], None] | None = None
+
+
+class JobFailed(Exception):
+    """A handler's expected failure: recorded as the job's last error, retried with back-off."""
+
+
+class ProbeFailure(JobFailed):
+    pass
+
+
+def run_probe(ctx: WorkContext, job: ClaimedJob) -> Outcome:
+    """Diagnostic job (``usfmd jobs probe``): proves workers everywhere claim and finish work.
+
+    Parameters in ``job.params``: ``seconds`` to work (in slices, so a lost lease is noticed) and
+    ``fail_times``: fail that many first attempts, to exercise retry and dead-lettering.
+    """
+    fail_times = int(job.params.get("fail_times", 0))
+    if job.attempts <= fail_times:
+        raise ProbeFailure(f"probe asked to fail attempt {job.attempts} of {fail_times}")
+    remaining = float(job.params.get("seconds", 0.0))
+    while remaining > 0 and not ctx.lease_lost.is_set():
+        step = min(0.05, remaining)
+        ctx.lease_lost.wait(step)
+        remaining -= step
+    return Outcome(payload={"worker": ctx.worker, "attempt": job.attempts})
+
+
+Handler = Callable[[WorkContext, ClaimedJob], Outcome]
+HANDLERS: dict[str, Handler] = {PROBE: run_probe}
