@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Final
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
+
+#: Not an OpenCV flag: tells :meth:`GridMapping.warp` to resize with PIL's antialiased bicubic.
+PIL_BICUBIC: Final = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +138,10 @@ class GridMapping:
                 cv2.BORDER_CONSTANT,
                 value=0,
             )
+        if interpolation == PIL_BICUBIC:
+            size = (self.size, self.size)
+            resized = Image.fromarray(frame).resize(size, Image.Resampling.BICUBIC)
+            return np.asarray(resized, dtype=np.uint8)
         out = cv2.resize(frame, (self.size, self.size), interpolation=interpolation)
         return np.asarray(out, dtype=np.uint8)
 

@@ -14,17 +14,20 @@ from typing import Any, Final, Literal
 
 import cv2
 
-from pipelines.preprocess.geometry import GridMapping
+from pipelines.preprocess.geometry import PIL_BICUBIC, GridMapping
 
 Geometry = Literal["squash", "pad"]
-Interpolation = Literal["nearest", "bicubic"]
+Interpolation = Literal["nearest", "bicubic", "pil-bicubic"]
 
 #: OpenCV flags. ``INTER_NEAREST_EXACT`` samples at pixel centres, bit-exact with PIL's NEAREST,
 #: which USF-MAE's torchvision loader used on PIL images; plain ``INTER_NEAREST`` floors the
 #: corner coordinate and shifts the image by up to half a source pixel.
+#: ``pil-bicubic`` is PIL's antialiased bicubic, which FetalCLIP's preprocessing used; OpenCV's
+#: INTER_CUBIC does not antialias and differs by up to ~70 grey levels at speckle and text edges.
 _CV2_INTERPOLATION: Final[dict[str, int]] = {
     "nearest": cv2.INTER_NEAREST_EXACT,
     "bicubic": cv2.INTER_CUBIC,
+    "pil-bicubic": PIL_BICUBIC,
 }
 
 IMAGENET_MEAN: Final = (0.485, 0.456, 0.406)
@@ -126,7 +129,7 @@ USF_MAE: Final = PreprocessSpec(
 FETALCLIP: Final = PreprocessSpec(
     name="fetalclip",
     geometry="pad",
-    interpolation="bicubic",
+    interpolation="pil-bicubic",
     mean=CLIP_MEAN,
     std=CLIP_STD,
 )

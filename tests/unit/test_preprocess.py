@@ -43,7 +43,7 @@ def test_registry_holds_the_two_published_recipes() -> None:
     assert get_spec("usf-mae") == USF_MAE
     assert (USF_MAE.geometry, USF_MAE.interpolation, USF_MAE.size) == ("squash", "nearest", 224)
     assert (USF_MAE.mean, USF_MAE.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    assert (FETALCLIP.geometry, FETALCLIP.interpolation) == ("pad", "bicubic")
+    assert (FETALCLIP.geometry, FETALCLIP.interpolation) == ("pad", "pil-bicubic")
     assert FETALCLIP.mean == (0.48145466, 0.4578275, 0.40821073)
     assert FETALCLIP.std == (0.26862954, 0.26130258, 0.27577711)
     with pytest.raises(ValueError, match="unknown preprocessing spec 'vit-x'.*fetalclip"):
@@ -240,3 +240,17 @@ def test_decode_plus_preprocess_keeps_up_with_100_frames_per_second(name: str) -
             preprocess(frame, spec)
 
     assert _best_ms(chain) < 10.0  # ≥ 100 frames/s on one core, with a wide margin
+
+
+def test_fetalclip_resize_is_pils_antialiased_bicubic() -> None:
+    from PIL import Image
+
+    from pipelines.preprocess import FETALCLIP, preprocess
+
+    rng = np.random.default_rng(7)
+    frame = rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)  # square: no padding involved
+    expected = np.asarray(Image.fromarray(frame).resize((224, 224), Image.Resampling.BICUBIC))
+    mean = np.asarray(FETALCLIP.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(FETALCLIP.std, dtype=np.float32)[:, None, None]
+    want = (expected.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std
+    np.testing.assert_allclose(preprocess(frame, FETALCLIP), want, atol=1e-5)
