@@ -13,6 +13,7 @@ import pytest
 
 from daemon.config import Settings, load_settings
 from daemon.service import Daemon
+
 from helpers import free_port
 
 #: PostgreSQL server used to create one throw-away database per test (CI: 127.0.0.1:5432).

@@ -8,8 +8,8 @@ an instance arriving later re-opens the study and, at the next stability, only i
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.orm import Session

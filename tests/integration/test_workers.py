@@ -12,12 +12,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
 from sqlalchemy import func, select
 
 from daemon.db import migrate, queue
 from daemon.db.engine import Database
 from daemon.db.models import Job, JobResult, JobState
+
+from helpers import wait_for
 
 USFMD = [sys.executable, "-m", "daemon.cli"]
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from helpers import ultrasound_files
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import (
@@ -42,6 +41,8 @@ from pipelines.decode import frames as frames_module
 from pipelines.decode.color import grey_curve, stored_range
 from pipelines.decode.palette import is_little_endian
 from pipelines.frames import UltrasoundRegion
+
+from helpers import ultrasound_files
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # one corpus file mixes implicit VR in

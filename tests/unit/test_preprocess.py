@@ -8,7 +8,6 @@ import warnings
 import cv2
 import numpy as np
 import pytest
-from helpers import ultrasound_files
 
 from pipelines.decode import iter_frames
 from pipelines.preprocess import (
@@ -26,6 +25,8 @@ from pipelines.preprocess import (
     preprocess_batch,
     register_spec,
 )
+
+from helpers import ultrasound_files
 
 SPECS = sorted(available_specs())
 RNG = np.random.default_rng(3)
