@@ -65,8 +65,10 @@ class KnownAE(_Section):
     port: Port | None = None
     #: Overrides ``study.stable_seconds`` for studies sent by this AE.
     stable_seconds: float | None = Field(default=None, gt=0)
-    #: How to send N-EVENT-REPORT: on the requesting association, on a new one, or "auto"
-    #: (the requesting one while it is open, otherwise a new one).
+    #: How to send the Storage Commitment N-EVENT-REPORT: on the requesting association
+    #: ("same"), on a new one to ``port`` ("new"), or "auto": a new one when ``port`` is set
+    #: (every SCU must accept that, PS3.4 J.3.3.1.3) with the requesting one as fallback,
+    #: otherwise the requesting one while it is open.
     commitment_report: Literal["auto", "same", "new"] = "auto"
 
 
