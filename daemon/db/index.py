@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -107,9 +107,9 @@ class InstanceHeader:
         )
 
 
-def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -> bool:
+def _insert_ignore(conn: Connection, model: type[Any], values: dict[str, Any]) -> bool:
     """INSERT that yields to a concurrent writer of the same unique key; True if it inserted."""
-    dialect = session.get_bind().dialect.name
+    dialect = conn.dialect.name
     stmt: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
         stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
@@ -119,15 +119,15 @@ def _insert_ignore(session: Session, model: type[Any], values: dict[str, Any]) -
         raise NotImplementedError(dialect)
     # RETURNING, not rowcount: the driver-level rowcount of ON CONFLICT DO NOTHING is not
     # reported consistently across backends and SQLAlchemy execution paths.
-    return session.execute(stmt.returning(model.id)).first() is not None
+    return conn.execute(stmt.returning(model.id)).first() is not None
 
 
-def _patient_pk(session: Session, h: InstanceHeader) -> int:
+def _patient_pk(conn: Connection, h: InstanceHeader) -> int:
     query = select(Patient.id).where(Patient.patient_id == h.patient_id, Patient.issuer == h.issuer)
-    pk = session.scalar(query)
+    pk = conn.scalar(query)
     if pk is None:
         _insert_ignore(
-            session,
+            conn,
             Patient,
             {
                 "patient_id": h.patient_id,
@@ -137,20 +137,27 @@ def _patient_pk(session: Session, h: InstanceHeader) -> int:
                 "sex": h.sex,
             },
         )
-        pk = session.scalar(query)
+        pk = conn.scalar(query)
     return int(pk)  # type: ignore[arg-type]
 
 
-def _study_pk(session: Session, h: InstanceHeader, calling_ae: str | None, now: datetime) -> int:
-    query = select(Study.id).where(Study.study_instance_uid == h.study_instance_uid)
-    pk = session.scalar(query)
+def _study_pk(conn: Connection, h: InstanceHeader, calling_ae: str | None, now: datetime) -> int:
+    # A new instance (re)opens the study: the stability clock restarts (mercure-style idle
+    # timeout). One UPDATE ... RETURNING finds and touches an existing study in one statement.
+    touch = (
+        update(Study)
+        .where(Study.study_instance_uid == h.study_instance_uid)
+        .values(last_received_at=now, state=StudyState.RECEIVING, calling_ae=calling_ae)
+        .returning(Study.id)
+    )
+    pk = conn.scalar(touch)
     if pk is None:
         _insert_ignore(
-            session,
+            conn,
             Study,
             {
                 "study_instance_uid": h.study_instance_uid,
-                "patient_pk": _patient_pk(session, h),
+                "patient_pk": _patient_pk(conn, h),
                 "study_date": h.study_date,
                 "accession_number": h.accession_number,
                 "state": StudyState.RECEIVING.value,
@@ -159,22 +166,16 @@ def _study_pk(session: Session, h: InstanceHeader, calling_ae: str | None, now: 
                 "last_received_at": now,
             },
         )
-        pk = session.scalar(query)
-    # A new instance (re)opens the study: the stability clock restarts (mercure-style idle timeout).
-    session.execute(
-        update(Study)
-        .where(Study.id == pk)
-        .values(last_received_at=now, state=StudyState.RECEIVING, calling_ae=calling_ae)
-    )
+        pk = conn.scalar(touch)  # ours, or a concurrent association's
     return int(pk)  # type: ignore[arg-type]
 
 
-def _series_pk(session: Session, h: InstanceHeader, study_pk: int) -> int:
+def _series_pk(conn: Connection, h: InstanceHeader, study_pk: int) -> int:
     query = select(Series.id).where(Series.series_instance_uid == h.series_instance_uid)
-    pk = session.scalar(query)
+    pk = conn.scalar(query)
     if pk is None:
         _insert_ignore(
-            session,
+            conn,
             Series,
             {
                 "series_instance_uid": h.series_instance_uid,
@@ -185,7 +186,7 @@ def _series_pk(session: Session, h: InstanceHeader, study_pk: int) -> int:
                 "model_name": h.model_name,
             },
         )
-        pk = session.scalar(query)
+        pk = conn.scalar(query)
     return int(pk)  # type: ignore[arg-type]
 
 
@@ -210,9 +211,16 @@ def record_instance(
     calling_ae: str | None,
     now: datetime,
 ) -> bool:
-    """Insert the rows for a newly archived instance; return False if it was already indexed."""
-    study_pk = _study_pk(session, header, calling_ae, now)
-    series_pk = _series_pk(session, header, study_pk)
+    """Insert the rows for a newly archived instance; return False if it was already indexed.
+
+    Three statements for an instance of a known series (touch study, find series, insert),
+    run as Core statements on the session's connection, in the session's transaction: nothing
+    here loads objects, and skipping the ORM execution path took this function from ~0.69 to
+    ~0.48 ms per instance (SQLite, no fsync; see docs/benchmarks.md, Ingest).
+    """
+    conn = session.connection()
+    study_pk = _study_pk(conn, header, calling_ae, now)
+    series_pk = _series_pk(conn, header, study_pk)
     values = {
         "sop_instance_uid": header.sop_instance_uid,
         "sop_class_uid": header.sop_class_uid,
@@ -231,7 +239,7 @@ def record_instance(
         "analysable": header.analysable,
         "duplicates": 0,
     }
-    if _insert_ignore(session, Instance, values):
+    if _insert_ignore(conn, Instance, values):
         return True
     count_duplicate(session, header.sop_instance_uid)  # a concurrent association won the race
     return False

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import struct
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_partial
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.dimse_primitives import C_STORE, N_ACTION
 from pynetdicom.events import Event
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import register_uid, uid_to_service_class
 
 from daemon.config import Settings
 from daemon.db.engine import Database
@@ -31,7 +37,11 @@ from daemon.errors import ConformanceError, DiskFullError
 from daemon.receive import commitment, status
 from daemon.receive.archive import Archive
 from daemon.receive.policy import known_ae
-from daemon.receive.sop_classes import STORAGE_COMMITMENT_PUSH
+from daemon.receive.sop_classes import (
+    ANALYSABLE_SOP_CLASSES,
+    STORAGE_COMMITMENT_PUSH,
+    STORAGE_SOP_CLASSES,
+)
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -97,18 +107,35 @@ def _guarded(failure_status: int) -> Callable[[F], F]:
     return wrap
 
 
+def route_storage_classes() -> None:
+    """Let pynetdicom hand every storage class we accept to :meth:`Receiver.on_c_store`.
+
+    pynetdicom knows no service class for the retired US classes (PS3.4 B.5, ``...1.1.6`` and
+    ``...1.1.3``) that older scanners still send: it accepts them in negotiation, then aborts the
+    association at the first C-STORE. Registering them as storage classes is idempotent.
+    """
+    for uid in STORAGE_SOP_CLASSES:
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            keyword = UID(uid).keyword or "Storage_" + uid.replace(".", "_")
+            register_uid(uid, keyword, StorageServiceClass)
+
+
 class Receiver:
     """The state the DICOM handlers share; one per running server."""
 
     def __init__(self, settings: Settings, archive: Archive, db: Database) -> None:
+        route_storage_classes()
         self.settings = settings
         self.archive = archive
         self.db = db
         self.counters = ReceiveCounters()
-        # Reports are sent after the N-ACTION response has gone out (see on_dimse_sent).
+        # Reports are sent after the N-ACTION response has gone out (see _report_after_response).
         self._reports = ThreadPoolExecutor(max_workers=4, thread_name_prefix="commitment")
-        self._pending: dict[tuple[int, int], Callable[[], None]] = {}
-        self._pending_lock = threading.Lock()
+        # File I/O overlapped with each C-STORE's index statements: one job at a time per
+        # association (see _store_and_index).
+        self._durability = ThreadPoolExecutor(
+            max_workers=settings.dicom.max_associations, thread_name_prefix="durable"
+        )
 
     # -- C-ECHO (PS3.7 §9.1.5, Verification Service Class PS3.4 Annex A) ----------------------
     def on_c_echo(self, event: Event) -> int:
@@ -154,18 +181,53 @@ class Receiver:
         relative = self.archive.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        size = self.archive.store(received, relative)
-        with self.db.write() as session:
-            is_new = record_instance(
-                session,
-                header,
-                path=relative,
-                size_bytes=size,
-                calling_ae=calling_ae,
-                now=datetime.now(UTC),
-            )
+        is_new = self._store_and_index(received, relative, header, calling_ae)
         self.counters.add("stored" if is_new else "duplicates")
         return _answer(status.SUCCESS)
+
+    def _in_helper(self, job: Callable[[], Any]) -> Future[Any]:
+        """Run ``job`` (file I/O) in a helper thread, returning once it has started.
+
+        Waiting for the start matters: the helper then holds the GIL only until its first
+        syscall, while without the wait the handler's Python code keeps the GIL and the helper
+        starts only when the handler blocks (no overlap at all).
+        """
+        started = threading.Event()
+
+        def run() -> Any:
+            started.set()
+            return job()
+
+        future = self._durability.submit(run)
+        started.wait()
+        return future
+
+    def _store_and_index(
+        self, received: Path, relative: str, header: InstanceHeader, calling_ae: str
+    ) -> bool:
+        """Make the file durable and index it; True if the instance is new.
+
+        The file's fsync, rename and directory fsync (I/O, in a helper thread) overlap the index
+        statements (CPU, here). The transaction commits only once the file is durable, and the
+        C-STORE response waits for the commit: what we acknowledge is on disk and indexed. If
+        archiving fails, the transaction rolls back and the handler answers a failure.
+        """
+        size = received.stat().st_size
+        stored = self._in_helper(functools.partial(self.archive.store, received, relative))
+        try:
+            with self.db.write() as session:
+                is_new = record_instance(
+                    session,
+                    header,
+                    path=relative,
+                    size_bytes=size,
+                    calling_ae=calling_ae,
+                    now=datetime.now(UTC),
+                )
+                stored.result()  # raises if archiving failed: no commit
+        finally:
+            wait_for_futures([stored])  # never answer while the file is still being written
+        return is_new
 
     def _already_indexed(self, sop_instance_uid: str) -> bool:
         with self.db.read() as session:
@@ -179,7 +241,9 @@ class Receiver:
     @staticmethod
     def _read_header(path: Path, request: Any, transfer_syntax: str) -> InstanceHeader:
         try:
-            ds = dcmread(path, stop_before_pixels=True)
+            with open(path, "rb") as fp:
+                ds = read_partial(fp, stop_when=_at_pixel_data)
+                pixel_problem = _pixel_data_problem(fp, path.stat().st_size, transfer_syntax)
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
             reason = f"cannot parse dataset: {type(exc).__name__}"
             raise _Refusal(status.STORE_CANNOT_UNDERSTAND, reason) from exc
@@ -195,6 +259,12 @@ class Receiver:
             raise _Refusal(status.STORE_DATA_SET_MISMATCH, "SOP Instance UID differs from command")
         if header.sop_class_uid != str(request.AffectedSOPClassUID):
             raise _Refusal(status.STORE_DATA_SET_MISMATCH, "SOP Class UID differs from command")
+        if pixel_problem == _NO_PIXEL_DATA:
+            # PS3.3 C.7.6.3: Pixel Data is Type 1 in every image class we accept (not in SR/PDF).
+            if header.sop_class_uid in ANALYSABLE_SOP_CLASSES:
+                raise _Refusal(status.STORE_DATA_SET_MISMATCH, pixel_problem)
+        elif pixel_problem is not None:
+            raise _Refusal(status.STORE_CANNOT_UNDERSTAND, pixel_problem)
         return header
 
     # -- Storage Commitment N-ACTION (PS3.4 J.3.2) -------------------------------------------
@@ -211,12 +281,10 @@ class Receiver:
             return _answer(status.INVALID_ARGUMENT_VALUE, str(exc)), None
         calling_ae, peer_host = _peer(event)
         assoc = event.assoc
-        key = (id(assoc), int(request.MessageID or 0))
         job = functools.partial(
             self._send_report, assoc, calling_ae, peer_host, transaction_uid, refs
         )
-        with self._pending_lock:
-            self._pending[key] = job
+        self._report_after_response(assoc, int(request.MessageID or 0), job)
         log.info(
             "storage commitment requested",
             extra={
@@ -227,16 +295,37 @@ class Receiver:
         )
         return _answer(status.SUCCESS), None
 
-    def on_dimse_sent(self, event: Event) -> None:
-        """Start a commitment report only once its N-ACTION response is on the wire."""
-        message = event.message
-        if type(message).__name__ != "N_ACTION_RSP":
-            return
-        key = (id(event.assoc), int(message.command_set.MessageIDBeingRespondedTo))
-        with self._pending_lock:
-            job = self._pending.pop(key, None)
-        if job is not None:
-            self._reports.submit(job)
+    def _report_after_response(self, assoc: Any, message_id: int, job: Callable[[], None]) -> None:
+        """Start ``job`` once our successful N-ACTION response is queued for the wire.
+
+        PS3.4 J.3.3: the report follows the N-ACTION response. pynetdicom fires EVT_DIMSE_SENT
+        before it queues a message's PDUs, and marks the association paused while a handler
+        runs, so a report started from that event could queue its PDUs ahead of the response:
+        the peer then decodes neither (seen with pynetdicom requesters). Wrapping this
+        association's ``send_msg`` starts the report strictly after the response is queued.
+        """
+        dimse = assoc.dimse
+        send_msg = dimse.send_msg
+
+        def send_then_report(primitive: Any, context_id: int) -> None:
+            send_msg(primitive, context_id)
+            if (
+                isinstance(primitive, N_ACTION)
+                and primitive.MessageIDBeingRespondedTo == message_id
+            ):
+                dimse.send_msg = send_msg
+                if primitive.Status == status.SUCCESS:
+                    self._reports.submit(self._run_report, job)
+
+        dimse.send_msg = send_then_report
+
+    @staticmethod
+    def _run_report(job: Callable[[], None]) -> None:
+        # A pool thread's exception would sit unread in its Future: log it instead.
+        try:
+            job()
+        except Exception:  # noqa: BLE001 - background thread boundary
+            log.exception("storage commitment report failed before it could be recorded")
 
     def _send_report(
         self,
@@ -250,25 +339,11 @@ class Receiver:
         with self.db.read() as session:
             result = commitment.evaluate(session, self.archive, transaction_uid, refs)
         info = commitment.build_event_information(result, self.settings.dicom.ae_title)
-        peer = known_ae(self.settings.dicom, calling_ae, peer_host)
-        mode = peer.commitment_report if peer else "auto"
-        delivered, error = False, None
         try:
-            if mode in ("auto", "same"):
-                delivered = commitment.report_on(assoc, info, result.event_type)
-            if not delivered and mode in ("auto", "new") and peer is not None:
-                delivered = commitment.report_to(
-                    peer,
-                    peer_host,
-                    self.settings.dicom.ae_title,
-                    info,
-                    result.event_type,
-                    timeout=self.settings.dicom.dimse_timeout,
-                )
-            if not delivered:
-                error = "requester closed the association and has no dicom.calling_aes port"
+            error = self._deliver(assoc, calling_ae, peer_host, info, result.event_type)
         except Exception as exc:  # noqa: BLE001 - background thread: record, never lose silently
             error = f"{type(exc).__name__}: {exc}"
+        delivered = error is None
         with self.db.write() as session:
             session.add(
                 CommitmentRequest(
@@ -293,8 +368,85 @@ class Receiver:
         else:
             log.error("storage commitment report undeliverable: %s", error, extra=extra)
 
+    def _deliver(
+        self, assoc: Any, calling_ae: str, peer_host: str, info: Dataset, event_type: int
+    ) -> str | None:
+        """Send the report the ways :func:`commitment.delivery_order` allows; None once delivered,
+        otherwise why every way failed."""
+        peer = known_ae(self.settings.dicom, calling_ae, peer_host)
+        port = peer.port if peer is not None else None
+        mode = peer.commitment_report if peer is not None else "auto"
+        problems = []
+        for way in commitment.delivery_order(mode, can_call_back=port is not None):
+            if way == "same":
+                timeout = self.settings.dicom.dimse_timeout
+                if commitment.report_on(assoc, info, event_type, timeout):
+                    return None
+                problems.append("the requesting association was closed or refused the report")
+            elif peer is not None and port is not None:
+                dimse_timeout = self.settings.dicom.dimse_timeout
+                our_ae = self.settings.dicom.ae_title
+                if commitment.report_to(peer, peer_host, our_ae, info, event_type, dimse_timeout):
+                    return None
+                problems.append(f"a new association to port {port} failed or refused the report")
+        if port is None:
+            problems.append("no dicom.calling_aes port to call the requester back")
+        return "; ".join(problems)
+
     def close(self, wait: bool = True) -> None:
         self._reports.shutdown(wait=wait)
+        self._durability.shutdown(wait=wait)
+
+
+_PIXEL_DATA = 0x7FE00010
+# PS3.5 §7.5 and A.4: encapsulated Pixel Data is a run of Items ended by a Sequence Delimiter.
+_ITEM, _SEQUENCE_DELIMITER, _UNDEFINED_LENGTH = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
+_NO_PIXEL_DATA = "Pixel Data missing or unreadable"
+_TRUNCATED = "Pixel Data shorter than its encoded length"
+
+
+def _at_pixel_data(tag: Any, vr: str | None, length: int) -> bool:
+    return int(tag) == _PIXEL_DATA
+
+
+def _pixel_data_problem(fp: BinaryIO, size: int, transfer_syntax: str) -> str | None:
+    """Why the top-level Pixel Data at ``fp`` is absent or cut short, or None if it is whole.
+
+    ``fp`` stands where header reading stopped, before (7FE0,0010). pydicom reads a truncated
+    dataset, or one that turns to garbage after its header, without complaint; acknowledging
+    it would let a modality delete its only good copy once we commit to it (PS3.4 J.3).
+    """
+    syntax = UID(transfer_syntax)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        return None  # parsed from an inflated copy: file positions say nothing
+    order = "<" if syntax.is_little_endian else ">"
+    head = fp.read(8)
+    if len(head) < 8 or _tag(head, order) != _PIXEL_DATA:
+        return _NO_PIXEL_DATA
+    if syntax.is_implicit_VR:
+        length = struct.unpack(order + "L", head[4:])[0]
+    else:  # OB/OW: VR, 2 reserved bytes, then a 32-bit length (PS3.5 §7.1.2)
+        tail = fp.read(4)
+        if len(tail) < 4:
+            return _TRUNCATED
+        length = struct.unpack(order + "L", tail)[0]
+    if length != _UNDEFINED_LENGTH:
+        return None if fp.tell() + length <= size else _TRUNCATED
+    while True:  # encapsulated: always little endian
+        item = fp.read(8)
+        if len(item) < 8:
+            return _TRUNCATED
+        if _tag(item, "<") == _SEQUENCE_DELIMITER:
+            return None
+        length = struct.unpack("<L", item[4:])[0]
+        if _tag(item, "<") != _ITEM or fp.tell() + length > size:
+            return _TRUNCATED
+        fp.seek(length, os.SEEK_CUR)
+
+
+def _tag(raw: bytes, order: str) -> int:
+    group, element = struct.unpack(order + "HH", raw[:4])
+    return int(group) << 16 | int(element)
 
 
 class _Refusal(Exception):

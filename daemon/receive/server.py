@@ -22,7 +22,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from daemon.config import DicomSettings, TLSSettings
-from daemon.receive import status
+from daemon.receive import reactor, status
 from daemon.receive.handlers import Receiver
 from daemon.receive.policy import decide
 from daemon.receive.sop_classes import (
@@ -81,6 +81,9 @@ class _RequestHandler(RequestHandler):
 
     def handle(self) -> None:
         sock = self.request
+        # Ack every segment at once: delayed ACKs cost ~40 ms per C-STORE response. TLS sockets
+        # need it as much as plain ones (an SSLSocket is a socket.socket).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if isinstance(sock, ssl.SSLSocket):
             try:
                 sock.settimeout(self.server.ae.acse_timeout)
@@ -93,9 +96,6 @@ class _RequestHandler(RequestHandler):
                 )
                 _close_quietly(sock)
                 return
-        elif isinstance(sock, socket.socket):
-            # Ack every segment at once: delayed ACKs cost ~40 ms per C-STORE response.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().handle()
 
     def _create_association(self) -> Association:
@@ -103,7 +103,7 @@ class _RequestHandler(RequestHandler):
         acse = _PolicyACSE(assoc)
         acse.dicom = self.server.dicom
         assoc.acse = acse
-        return assoc
+        return reactor.install(assoc)  # event-driven loops instead of 1 ms polling (see reactor)
 
 
 class _Server(ThreadedAssociationServer):
@@ -168,7 +168,6 @@ class DicomServer:
             (evt.EVT_C_ECHO, self.receiver.on_c_echo),
             (evt.EVT_C_STORE, self.receiver.on_c_store),
             (evt.EVT_N_ACTION, self.receiver.on_n_action),
-            (evt.EVT_DIMSE_SENT, self.receiver.on_dimse_sent),
         ]
         ssl_context = tls_context(self.dicom.tls) if self.dicom.tls.enabled else None
         server = cast(
@@ -182,7 +181,6 @@ class DicomServer:
             ),
         )
         server.dicom = self.dicom
-        self.ae._servers.append(server)  # so that server.shutdown() can unregister it
         self.ae._servers.append(server)  # so that server.shutdown() can unregister it
         self._server = server
         self._thread = threading.Thread(

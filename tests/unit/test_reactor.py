@@ -1,0 +1,138 @@
+"""daemon.receive.reactor: event-driven copies of pynetdicom's acceptor loops stay correct."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pynetdicom
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import Verification
+
+from daemon.receive import reactor
+
+from helpers import ultrasound_files, wait_for
+
+US_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
+def test_copied_loops_match_the_installed_pynetdicom():
+    """A pynetdicom upgrade that changes either loop must fail here: redo the copies."""
+    assert reactor.supported(), f"pynetdicom {pynetdicom.__version__} not in {reactor.COPIED_FROM}"
+    upstream = {
+        "DULServiceProvider.run_reactor": DULServiceProvider.run_reactor,
+        "Association._run_reactor": Association._run_reactor,
+    }
+    for name, function in upstream.items():
+        digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
+        assert digest == reactor.UPSTREAM_SOURCE[name], f"pynetdicom's {name} changed"
+
+
+def test_fast_socket_reads_exactly_and_returns_short_on_close():
+    left, right = socket.socketpair()
+    fast = reactor.FastSocket.__new__(reactor.FastSocket)
+    fast.socket = right
+    payload = bytes(range(256)) * 1000  # larger than the socket buffer: arrives in pieces
+    sender = threading.Thread(target=left.sendall, args=(payload,))
+    sender.start()
+    assert fast.recv(6) == payload[:6]
+    assert fast.recv(len(payload) - 6) == payload[6:]
+    sender.join()
+    left.sendall(b"abc")
+    left.close()
+    assert fast.recv(10) == b"abc"  # peer gone: what arrived, like pynetdicom's recv
+    right.close()
+
+
+def _scu(network_timeout: float = 60) -> AE:
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = 20
+    ae.network_timeout = network_timeout
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(US_IMAGE_STORAGE)
+    return ae
+
+
+def _server_association(daemon) -> Association:
+    found = wait_for(lambda: daemon.server.ae.active_associations, 5, "server association")
+    return found[0]  # type: ignore[index]
+
+
+def _no_associations(daemon):
+    return lambda: not daemon.server.ae.active_associations
+
+
+def test_server_associations_run_event_driven_and_store(start_daemon):
+    d = start_daemon()
+    assoc = _scu().associate("127.0.0.1", d.server.port, ae_title="USFMD")
+    assert assoc.is_established
+    try:
+        served = _server_association(d)
+        assert isinstance(served, reactor.EventAssociation)
+        assert isinstance(served.dul, reactor.EventDUL)
+        assert isinstance(served.dul.socket, reactor.FastSocket)
+        for _ in range(20):
+            assert assoc.send_c_echo().Status == 0
+        path = next(
+            p for p in ultrasound_files() if dcmread(p, stop_before_pixels=True).SOPClassUID
+            == US_IMAGE_STORAGE and dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID
+            == "1.2.840.10008.1.2.1"
+        )  # fmt: skip
+        assert assoc.send_c_store(Path(path)).Status == 0
+    finally:
+        assoc.release()
+    assert assoc.is_released
+    wait_for(_no_associations(d), 2, "released association gone")
+    assert d.receiver.counters.stored == 1
+
+
+def test_peer_abort_ends_the_association_at_once(start_daemon):
+    d = start_daemon()
+    assoc = _scu().associate("127.0.0.1", d.server.port, ae_title="USFMD")
+    assert assoc.is_established
+    _server_association(d)
+    assoc.abort()
+    wait_for(_no_associations(d), 2, "aborted association gone")
+
+
+def _cpu_ticks(native_id: int | None) -> int:
+    fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_idle_association_does_not_spin(start_daemon):
+    d = start_daemon()
+    assoc = _scu().associate("127.0.0.1", d.server.port, ae_title="USFMD")
+    try:
+        served = _server_association(d)
+        threads = (served.native_id, served.dul.native_id)
+        before = sum(_cpu_ticks(t) for t in threads)
+        time.sleep(1.0)
+        used = sum(_cpu_ticks(t) for t in threads) - before
+        assert used <= 10, f"idle association used {used} clock ticks in 1 s"
+    finally:
+        assoc.release()
+
+
+def test_network_timeout_still_aborts_an_idle_association(start_daemon):
+    d = start_daemon(dicom={"network_timeout": 0.5})
+    assoc = _scu().associate("127.0.0.1", d.server.port, ae_title="USFMD")
+    assert assoc.is_established
+    wait_for(lambda: not assoc.is_established, 5, "idle association timed out by usfmd")
+    wait_for(_no_associations(d), 2, "timed-out association gone")
+
+
+def test_install_leaves_unknown_pynetdicom_alone(monkeypatch):
+    monkeypatch.setattr(pynetdicom, "__version__", "4.0.0")
+    assoc = Association(AE(), "acceptor")
+    assert reactor.install(assoc) is assoc
+    assert type(assoc) is Association and type(assoc.dul) is DULServiceProvider
