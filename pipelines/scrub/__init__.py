@@ -1,0 +1,29 @@
+"""Scrub: remove patient identity from pixels (the burned-in strip) and from the header.
+
+- :func:`scrub_band` blanks the strip scanners burn the patient's name, ID and date into;
+- :func:`deidentify` applies the PS3.15 Basic Application Level Confidentiality Profile;
+- :func:`require_scrubbed` fails closed when a frame with Burned In Annotation leaves unscrubbed.
+"""
+
+from pipelines.scrub.band import (
+    ScrubParams,
+    ScrubReport,
+    detect_text_band,
+    estimate_image_region,
+    scrub_band,
+)
+from pipelines.scrub.deid import deidentify, pseudonymous_patient_key, remap_uid
+from pipelines.scrub.guard import UnscrubbedFrameError, require_scrubbed
+
+__all__ = [
+    "ScrubParams",
+    "ScrubReport",
+    "UnscrubbedFrameError",
+    "deidentify",
+    "detect_text_band",
+    "estimate_image_region",
+    "pseudonymous_patient_key",
+    "remap_uid",
+    "require_scrubbed",
+    "scrub_band",
+]
