@@ -227,3 +227,40 @@ class CommitmentRequest(Base):
     requested_at: Mapped[datetime] = mapped_column(UTCDateTime())
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ModelVersion(Base):
+    """One imported model: weights file (by sha256) plus everything needed to use and cite it.
+
+    ``device_uid`` identifies this version as Contributing Equipment in every SR it produces
+    (DESIGN.md §4): a new version always gets a new UID. At most one version per task is
+    ``active``; workers use the active one and notice a change without restarting.
+    """
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("task", "version", name="uq_model_versions_task_version"),
+        Index("ix_model_versions_task_active", "task", "active"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))
+    version: Mapped[str] = mapped_column(String(64))
+    #: Algorithm Name in TID 4019; says "synthetic" for models trained on phantoms.
+    algorithm_name: Mapped[str] = mapped_column(String(64))
+    encoder: Mapped[str] = mapped_column(String(64))
+    preprocessing: Mapped[str] = mapped_column(String(32))
+    #: Class names in model-output order (must equal the task's at import time).
+    classes: Mapped[list[str]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Free-form build details (head, LoRA settings, training data summary).
+    parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Weights file, relative to the data directory's ``models`` folder.
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    device_uid: Mapped[str] = mapped_column(UID, unique=True)
+    #: Trained on synthetic phantoms: never chosen by default for real studies.
+    synthetic: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
