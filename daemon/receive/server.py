@@ -30,6 +30,7 @@ from daemon.receive.sop_classes import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
     VERIFICATION,
+    preferred_syntax,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,24 @@ class _PolicyACSE(ACSE):
             self.assoc.kill()
             return
         super()._negotiate_as_acceptor()
+
+    def send_accept(self) -> None:
+        # pynetdicom picks, per context, the first syntax in *our* list that the requester
+        # proposed; DICOM leaves the choice to the acceptor, and we follow the requester's
+        # order instead so that files arrive in the syntax they are held in (see
+        # preferred_syntax). Only the choice among syntaxes already found acceptable changes.
+        request = cast(A_ASSOCIATE, self.requestor.primitive)
+        proposed = {cx.context_id: cx for cx in request.presentation_context_definition_list}
+        supported = {cx.abstract_syntax: cx for cx in self.acceptor.supported_contexts}
+        for context in self.assoc.accepted_contexts:
+            rq = proposed.get(context.context_id)
+            ours = supported.get(context.abstract_syntax)
+            if rq is None or ours is None:
+                continue
+            choice = preferred_syntax(rq.transfer_syntax, ours.transfer_syntax)
+            if choice is not None:
+                context.transfer_syntax = [choice]
+        super().send_accept()
 
 
 class _RequestHandler(RequestHandler):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import Final
 
 from pydicom.uid import (
@@ -21,6 +22,8 @@ from pydicom.uid import (
 )
 
 # Stored exactly as sent (PS3.5 §10 and Annex A); decoders for each live in pipelines/decode.
+# Of the syntaxes a requester proposes in one presentation context, we accept its first that is
+# listed here (see preferred_syntax): the requester's order says how the data is held.
 TRANSFER_SYNTAXES: Final[tuple[str, ...]] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -78,3 +81,14 @@ def is_analysable(sop_class_uid: str, manufacturer: str | None) -> bool:
     if (manufacturer or "").strip() == OWN_MANUFACTURER:
         return False
     return sop_class_uid in ANALYSABLE_SOP_CLASSES
+
+
+def preferred_syntax(proposed: Sequence[str], supported: Collection[str]) -> str | None:
+    """The transfer syntax to accept for one presentation context (PS3.8 §9.3.2.2).
+
+    The first proposed syntax we support, so that data is "stored as sent": a sender offering
+    ``[JPEG Lossless, Explicit VR Little Endian]`` holds JPEG Lossless and would otherwise have
+    to decompress it (dcmsend does), and one offering ``[Explicit VR LE, JPEG Baseline]`` holds
+    uncompressed pixels and must not be asked to compress them lossily.
+    """
+    return next((syntax for syntax in proposed if syntax in supported), None)

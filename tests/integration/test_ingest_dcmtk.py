@@ -263,17 +263,12 @@ def test_storescu_corpus_as_is(
     assert_ingested(d, corpus, "STORESCU", as_is)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pynetdicom accepts the first syntax in the SCP's own list, and TRANSFER_SYNTAXES "
-    "puts Explicit VR Little Endian first: offered [JPEG lossless or RLE, uncompressed...], "
-    "usfmd picks uncompressed and dcmsend decompresses. Fix: list compressed syntaxes first.",
-)
 def test_dcmsend_lossless_files_keep_their_syntax(
     start_daemon: Callable[..., Daemon], corpus: tuple[Sample, ...]
 ) -> None:
     lossless = tuple(s for s in corpus if s.transfer_syntax_uid in (JPEGLosslessSV1, RLELossless))
     assert len(lossless) == 3
     d = start_daemon()
-    dcmsend(d.server.port, (s.copy for s in lossless))  # default: may decompress lossless
+    # dcmsend proposes each file's own syntax first, then uncompressed ones it could convert to.
+    dcmsend(d.server.port, (s.copy for s in lossless))
     assert_ingested(d, lossless, "DCMSEND", as_is)
