@@ -65,7 +65,16 @@ class Daemon:
         )
         if studies:
             log.info("studies became stable", extra={"studies": studies, "jobs_queued": jobs})
+        stale = self.archive.discard_stale_incoming(self.stale_incoming_seconds)
+        if stale:
+            log.warning("discarded abandoned partial receives", extra={"files": stale})
         return studies, jobs
+
+    @property
+    def stale_incoming_seconds(self) -> float:
+        """Idle time after which a partial receive is abandoned: well above the network timeout
+        that would have ended its association."""
+        return max(4 * self.settings.dicom.network_timeout, 300.0)
 
     def start(self) -> None:
         self.server.start()

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,6 +83,22 @@ class Archive:
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
             count += 1
+        return count
+
+    def discard_stale_incoming(self, idle_seconds: float, now: float | None = None) -> int:
+        """Remove partial receives untouched for ``idle_seconds``: an association that aborted
+        mid-dataset leaves its chunk file behind (pynetdicom does not delete it), and such a
+        dataset was never acknowledged. A receive in progress writes at least once per network
+        timeout, so a threshold well above it never removes live data."""
+        now = time.time() if now is None else now
+        count = 0
+        for leftover in self.incoming.iterdir():
+            try:
+                if now - leftover.stat().st_mtime > idle_seconds:
+                    leftover.unlink()
+                    count += 1
+            except FileNotFoundError:
+                continue  # archived or discarded meanwhile
         return count
 
     def free_bytes(self) -> int:

@@ -87,6 +87,16 @@ def test_discard_incoming_removes_unacknowledged(archive: Archive) -> None:
     assert list(archive.incoming.iterdir()) == []
 
 
+def test_discard_stale_incoming_spares_receives_in_progress(archive: Archive) -> None:
+    stale, live = archive.incoming / "aborted.dcm", archive.incoming / "arriving.dcm"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    now = live.stat().st_mtime
+    os.utime(stale, (now - 900, now - 900))
+    assert archive.discard_stale_incoming(600, now=now + 1) == 1
+    assert not stale.exists() and live.exists()
+
+
 def test_atomic_write_leaves_no_temporaries(tmp_path: Path) -> None:
     target = tmp_path / "deep" / "state.json"
     atomic_write_bytes(target, b"{}")
