@@ -70,6 +70,9 @@ class KnownAE(_Section):
     #: (every SCU must accept that, PS3.4 J.3.3.1.3) with the requesting one as fallback,
     #: otherwise the requesting one while it is open.
     commitment_report: Literal["auto", "same", "new"] = "auto"
+    #: Call this peer back (commitment reports) over TLS with ``dicom.tls``'s certificate,
+    #: verifying the peer against ``dicom.tls.ca_certificates``.
+    tls: bool = False
 
 
 class TLSSettings(_Section):
@@ -121,6 +124,16 @@ class DicomSettings(_Section):
                 raise ValueError(f"calling AE {ae.ae_title!r} (host {ae.host}) listed twice")
             seen.add(key)
         return value
+
+    @model_validator(mode="after")
+    def _tls_callbacks_possible(self) -> DicomSettings:
+        for ae in self.calling_aes:
+            if ae.tls and (not self.tls.enabled or self.tls.ca_certificates is None):
+                raise ValueError(
+                    f"calling_aes {ae.ae_title!r} has tls = true: dicom.tls must be enabled "
+                    "with ca_certificates to call it back over TLS"
+                )
+        return self
 
 
 class StorageSettings(_Section):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -218,15 +219,26 @@ def report_to(
     event_info: Dataset,
     event_type: int,
     timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> bool:
-    """Open an association to the requester, taking the SCP role (PS3.4 J.3.3), and report."""
+    """Open an association to the requester, taking the SCP role (PS3.4 J.3.3), and report.
+
+    ``tls`` is the client context to use when the peer is configured for TLS.
+    """
     if peer.port is None:
         return False
     ae = AE(ae_title=our_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
     role = build_role(STORAGE_COMMITMENT_PUSH, scu_role=False, scp_role=True)
-    assoc = ae.associate(peer.host or host, peer.port, ae_title=peer.ae_title, ext_neg=[role])
+    address = peer.host or host
+    assoc = ae.associate(
+        address,
+        peer.port,
+        ae_title=peer.ae_title,
+        ext_neg=[role],
+        tls_args=(tls, address) if tls is not None else None,
+    )
     if not assoc.is_established:
         return False
     try:

@@ -42,6 +42,7 @@ from daemon.receive.sop_classes import (
     STORAGE_COMMITMENT_PUSH,
     STORAGE_SOP_CLASSES,
 )
+from daemon.tls import client_context
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -386,7 +387,10 @@ class Receiver:
             elif peer is not None and port is not None:
                 dimse_timeout = self.settings.dicom.dimse_timeout
                 our_ae = self.settings.dicom.ae_title
-                if commitment.report_to(peer, peer_host, our_ae, info, event_type, dimse_timeout):
+                tls = client_context(self.settings.dicom.tls) if peer.tls else None
+                if commitment.report_to(
+                    peer, peer_host, our_ae, info, event_type, dimse_timeout, tls
+                ):
                     return None
                 problems.append(f"a new association to port {port} failed or refused the report")
         if port is None:

@@ -21,7 +21,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from daemon.config import DicomSettings, TLSSettings
+from daemon.config import DicomSettings
 from daemon.receive import reactor, status
 from daemon.receive.handlers import Receiver
 from daemon.receive.policy import decide
@@ -32,19 +32,9 @@ from daemon.receive.sop_classes import (
     VERIFICATION,
     preferred_syntax,
 )
+from daemon.tls import server_context
 
 log = logging.getLogger(__name__)
-
-
-def tls_context(tls: TLSSettings) -> ssl.SSLContext:
-    """Server-side context per PS3.15 Annex B.9 (BCP 195): TLS 1.2+, optional client certs."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
-    if tls.ca_certificates is not None:
-        context.load_verify_locations(cafile=str(tls.ca_certificates))
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_NONE
-    return context
 
 
 class _PolicyACSE(ACSE):
@@ -188,7 +178,7 @@ class DicomServer:
             (evt.EVT_C_STORE, self.receiver.on_c_store),
             (evt.EVT_N_ACTION, self.receiver.on_n_action),
         ]
-        ssl_context = tls_context(self.dicom.tls) if self.dicom.tls.enabled else None
+        ssl_context = server_context(self.dicom.tls) if self.dicom.tls.enabled else None
         server = cast(
             _Server,
             self.ae.make_server(
@@ -239,4 +229,4 @@ class DicomServer:
         log.info("DICOM listener stopped")
 
 
-__all__ = ["DicomServer", "build_ae", "tls_context", "status"]
+__all__ = ["DicomServer", "build_ae", "status"]

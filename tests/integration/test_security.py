@@ -12,16 +12,25 @@ import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from sqlalchemy import select
 
+from daemon.db.models import CommitmentRequest, CommitmentState
 from daemon.receive import status
-from daemon.receive.sop_classes import VERIFICATION
+from daemon.receive.sop_classes import (
+    STORAGE_COMMITMENT_INSTANCE,
+    STORAGE_COMMITMENT_PUSH,
+    VERIFICATION,
+)
 
-from helpers import dcmtk, run_peer, ultrasound_files, wait_for
+from helpers import dcmtk, free_port, run_peer, ultrasound_files, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -227,11 +236,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         directory,
         "server",
         "usfmd-test-ca",
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        # usfmd's one certificate also identifies it when it calls peers back (daemon/tls.py).
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth,clientAuth\n"
         "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
     )
     client_ext = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n"
-    client = _issue(directory, "modality", "usfmd-test-ca", client_ext)
+    # A modality is a client (C-STORE) and a server (receiving commitment reports).
+    both = "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth,serverAuth\n"
+    client = _issue(directory, "modality", "usfmd-test-ca", both)
     stranger = _issue(directory, "stranger", "stranger-ca", client_ext)
     return Pki(ca, *server, *client, *stranger)
 
@@ -344,3 +356,80 @@ def test_server_sockets_disable_nagle(start_daemon, pki, transport):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         assoc.release()
+
+
+def _modality_listener(pki: Pki, port: int, tls: bool, reports: list[Dataset]) -> Any:
+    """A modality's own SCP waiting for the commitment report, optionally behind TLS that
+    requires a client certificate from our CA."""
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_supported_context(STORAGE_COMMITMENT_PUSH, scu_role=True, scp_role=True)
+    context = None
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        context.load_verify_locations(cafile=str(pki.ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        reports.append(event.event_information)
+        return status.SUCCESS, None
+
+    return ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        ssl_context=context,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+    )
+
+
+@pytest.mark.parametrize("modality_tls", [True, False])
+def test_commitment_report_calls_back_over_tls(start_daemon, pki, modality_tls):
+    """With ``tls = true`` for a calling AE, the report goes over TLS with our certificate:
+    a TLS modality receives it, a plain one cannot, and the request is recorded undeliverable."""
+    listen_port = free_port()
+    peer = {"ae_title": "MODALITY", "port": listen_port, "commitment_report": "new", "tls": True}
+    d = start_daemon(dicom={"tls": _tls_section(pki), "calling_aes": [peer]})
+    good = _client_context(pki, (pki.client_cert, pki.client_key))
+    reports: list[Dataset] = []
+    server = _modality_listener(pki, listen_port, modality_tls, reports)
+    try:
+        ae = _scu()
+        ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+        port = d.server.port
+        assoc = ae.associate("127.0.0.1", port, ae_title="USFMD", tls_args=(good, "localhost"))
+        assert assoc.is_established
+        request = Dataset()
+        request.TransactionUID = generate_uid()
+        unknown = Dataset()  # not archived: reported as failed, which is all we need here
+        unknown.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+        unknown.ReferencedSOPInstanceUID = generate_uid()
+        request.ReferencedSOPSequence = [unknown]
+        rsp, _ = assoc.send_n_action(
+            request, 1, STORAGE_COMMITMENT_PUSH, STORAGE_COMMITMENT_INSTANCE
+        )
+        assoc.release()
+        assert rsp.Status == status.SUCCESS
+        row = wait_for(
+            lambda: _commitment_row(d, request.TransactionUID), 20, "the commitment outcome"
+        )
+    finally:
+        server.shutdown()
+    if modality_tls:
+        assert row.state == CommitmentState.REPORTED, row.last_error
+        assert [str(r.TransactionUID) for r in reports] == [request.TransactionUID]
+    else:
+        assert row.state == CommitmentState.UNDELIVERABLE and reports == []
+
+
+def _commitment_row(d: Any, transaction_uid: str) -> CommitmentRequest | None:
+    with d.db.read() as session:
+        row = session.scalars(
+            select(CommitmentRequest).where(
+                CommitmentRequest.transaction_uid == transaction_uid,
+                CommitmentRequest.state != CommitmentState.PENDING,
+            )
+        ).one_or_none()
+        if row is not None:
+            session.expunge(row)
+        return row
