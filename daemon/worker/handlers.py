@@ -14,6 +14,7 @@ from daemon.config import Settings
 from daemon.db.engine import Database
 from daemon.db.models import JobState
 from daemon.db.queue import ClaimedJob
+from daemon.db.studies import ANALYZE
 from daemon.receive.archive import Archive
 
 PROBE = "probe"
@@ -39,7 +40,15 @@ class Outcome:
 
 
 class JobFailed(Exception):
-    """A handler's expected failure: recorded as the job's last error, retried with back-off."""
+    """A handler's expected failure: recorded as the job's last error, retried with back-off.
+
+    ``permanent``: retrying cannot help (the input itself is bad); the job is dead-lettered at
+    once, still visible and retryable by an operator with ``usfmd jobs retry``.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class ProbeFailure(JobFailed):
@@ -63,5 +72,14 @@ def run_probe(ctx: WorkContext, job: ClaimedJob) -> Outcome:
     return Outcome(payload={"worker": ctx.worker, "attempt": job.attempts})
 
 
+def run_analyze(ctx: WorkContext, job: ClaimedJob) -> Outcome:
+    """``analyze`` jobs (one per analysable instance of a stable study): see
+    :mod:`daemon.worker.analyze`, imported here on first use — it imports this module's types,
+    and the image stages (OpenCV, codecs) are loaded only by processes that analyse."""
+    from daemon.worker.analyze import run_analyze as analyze
+
+    return analyze(ctx, job)
+
+
 Handler = Callable[[WorkContext, ClaimedJob], Outcome]
-HANDLERS: dict[str, Handler] = {PROBE: run_probe}
+HANDLERS: dict[str, Handler] = {PROBE: run_probe, ANALYZE: run_analyze}

@@ -11,6 +11,7 @@ from pipelines.decode.color import (
     SUPPORTED_PHOTOMETRIC,
     RGBConverter,
     RGBFrame,
+    YBRConverter,
     grey_curve,
     rgb_converter,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "RGBConverter",
     "RGBFrame",
     "Source",
+    "YBRConverter",
     "grey_curve",
     "iter_frames",
     "palette_table",

@@ -4,10 +4,10 @@ Every later stage (scrub, inpaint, preprocess, explain) works on ``(rows, column
 so the colour rules live here once. :func:`rgb_converter` inspects the Image Pixel module
 (PS3.3 C.7.6.3) once per instance and returns a per-frame function; all per-instance work (palette
 expansion, grey curves) is done up front into small lookup tables, so the per-frame cost is one
-table look-up or one copy. Input frames are what :func:`pydicom.pixels.iter_pixels` yields with
-``raw=False``: YBR_FULL / YBR_FULL_422 already RGB (converted by the JPEG codec, or by pydicom with
-the PS3.3 C.7.6.3.1.2 equations), and YBR_ICT / YBR_RCT already RGB because every JPEG 2000
-decoder applies the inverse multiple-component transform (PS3.5 A.4.4, ISO/IEC 15444-1 Annex G).
+table look-up or one copy. Input frames are what pydicom's decoder yields with ``raw=False``:
+YBR_FULL / YBR_FULL_422 already RGB (:class:`YBRConverter` applies pydicom's PS3.3 C.7.6.3.1.2
+equations, bit for bit), and YBR_ICT / YBR_RCT already RGB because every JPEG 2000 decoder applies
+the inverse multiple-component transform (PS3.5 A.4.4, ISO/IEC 15444-1 Annex G).
 
 Rules (the ones a reader needs to trust a model's input):
 
@@ -26,6 +26,7 @@ Rules (the ones a reader needs to trust a model's input):
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -34,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, convert_color_space
 from pydicom.pixels.processing import apply_voi
 
 from pipelines.decode.palette import cached_palette_table, lookup
@@ -117,6 +118,73 @@ def rgb_converter(ds: Dataset) -> RGBConverter:
     if bits_stored == 8:
         return _rgb8
     return _deep_rgb_converter(bits_stored)
+
+
+#: PS3.3 C.7.6.3.1.2 YBR_FULL -> RGB, exactly the float32 matrix pydicom's
+#: ``convert_color_space`` multiplies by (rows are Y, Cb - 128, Cr - 128; columns R, G, B).
+_YBR_TO_RGB: Final = np.asarray(
+    [
+        [1.000, 1.000, 1.000],
+        [0.000, -0.114 * 1.772 / 0.587, 1.772],
+        [1.402, -0.299 * 1.402 / 0.587, 0.000],
+    ],
+    dtype=np.float32,
+)
+#: ``(1, 256, 3)`` float32: sample value v -> (v, v - 128, v - 128), for ``cv2.LUT``.
+_YBR_OFFSETS: Final = np.ascontiguousarray(
+    np.stack([np.arange(256), np.arange(256) - 128, np.arange(256) - 128], axis=-1)[None],
+    dtype=np.float32,
+)
+
+
+#: Pixels per matrix product: small enough for OpenBLAS to stay on this thread (a whole frame
+#: wakes its thread pool, which costs 10x the arithmetic when workers already fill the cores) and
+#: for the block to stay in cache.
+_YBR_BLOCK: Final = 8192
+
+
+_SCRATCH = threading.local()
+
+
+def _ybr_scratch(shape: tuple[int, ...]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """This thread's float buffers for frames of ``shape``, kept for the next frame or file."""
+    buffers: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None or buffers[0].shape != shape:
+        buffers = (
+            np.empty(shape, np.float32),
+            np.empty((shape[0] * shape[1], 3), np.float32),
+        )
+        _SCRATCH.buffers = buffers
+    return buffers
+
+
+class YBRConverter:
+    """YBR_FULL (and upsampled YBR_FULL_422) frames to RGB, bit-identical to pydicom, ~3× faster.
+
+    pydicom computes ``floor((Y, Cb - 128, Cr - 128) · M + 0.5)`` in float32, clipped to 0..255.
+    This does the same float32 operations — the same BLAS matrix product, so the same rounding,
+    equal on all 2^24 inputs (tested) — but offsets the samples with one table look-up instead of
+    a broadcast subtraction, multiplies in cache-sized blocks, and reuses its scratch buffers
+    across the frames of a cine (a fresh 3.7 MB float array per frame costs as much as the
+    arithmetic, in page faults; they are kept per thread, so single-frame files benefit too).
+    Samples deeper than 8 bits go to pydicom.
+    """
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            return np.asarray(convert_color_space(frame, "YBR_FULL", "RGB"))
+        frame = np.ascontiguousarray(frame)
+        shifted, product = _ybr_scratch(frame.shape)
+        cv2.LUT(frame, _YBR_OFFSETS, dst=shifted)
+        rows = shifted.reshape(-1, 3)
+        for start in range(0, rows.shape[0], _YBR_BLOCK):
+            block = slice(start, start + _YBR_BLOCK)
+            np.matmul(rows[block], _YBR_TO_RGB, out=product[block])
+        product += np.float32(0.5)
+        np.floor(product, out=product)
+        np.clip(product, 0, 255, out=product)
+        return product.astype(np.uint8).reshape(frame.shape)
 
 
 def _rgb8(frame: np.ndarray) -> RGBFrame:

@@ -1,11 +1,17 @@
 """Read an instance's header into :class:`FrameMeta` and stream its frames as RGB uint8.
 
-Frames are streamed with :func:`pydicom.pixels.iter_pixels` from the file itself: pydicom reads
-only the group 0028 header, then seeks to each native frame or walks the encapsulated fragments
-(PS3.5 A.4), decoding one frame at a time. A 1,000-frame cine therefore costs a few frames of
-memory, not the whole loop. The one exception is the Deflated transfer syntax (PS3.5 A.5): the
-whole dataset is one zlib stream that cannot be seeked, so it is inflated once in memory
-(deflate is rare for images and its pixels are native, so frames are still produced one by one).
+Frames are streamed from the file itself by pydicom's decoder (``Decoder.iter_array``, as
+:func:`pydicom.pixels.iter_pixels` does): the header is read up to Pixel Data, then each native
+frame is seeked or the encapsulated fragments are walked (PS3.5 A.4), one frame decoded at a time.
+A 1,000-frame cine therefore costs a few frames of memory, not the whole loop. The one exception
+is the Deflated transfer syntax (PS3.5 A.5): the whole dataset is one zlib stream that cannot be
+seeked, so it is inflated once in memory (deflate is rare for images and its pixels are native, so
+frames are still produced one by one).
+
+Frames come from pydicom *raw*, with the Image Pixel properties the decoder settled on; frames it
+reports as YBR_FULL / YBR_FULL_422 are converted to RGB here, bit for bit as pydicom would
+(:func:`pipelines.decode.color.ybr_full_to_rgb`), but ~3× faster — most ultrasound is JPEG
+Baseline YBR_FULL_422, and this conversion was the largest cost of decoding it.
 """
 
 from __future__ import annotations
@@ -15,14 +21,14 @@ import os
 import struct
 import zlib
 from collections.abc import Generator, Iterable
-from dataclasses import replace
-from typing import Any, Final, cast
+from dataclasses import dataclass, replace
+from typing import Any, BinaryIO, Final
 
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder, iter_pixels
+from pydicom.pixels import as_pixel_options, get_decoder
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -33,7 +39,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from pipelines.decode.color import RGBFrame, rgb_converter
+from pipelines.decode.color import RGBFrame, YBRConverter, rgb_converter
 from pipelines.decode.regions import parse_regions
 from pipelines.errors import DecodeError
 from pipelines.frames import FrameMeta
@@ -72,8 +78,23 @@ _DECODER_FAILURES: Final = (
 def _read_header(source: Source) -> Dataset:
     if isinstance(source, Dataset):
         return source
+    return _read_file_header(source).header
+
+
+@dataclass(frozen=True, slots=True)
+class _FileHeader:
+    """A file's header, read once, and where its pixel data element starts."""
+
+    path: str | os.PathLike[str]
+    header: Dataset
+    pixel_offset: int
+
+
+def _read_file_header(path: str | os.PathLike[str]) -> _FileHeader:
     try:
-        return dcmread(source, stop_before_pixels=True)
+        with open(path, "rb") as f:
+            header = dcmread(f, stop_before_pixels=True)  # stops at the pixel data element
+            return _FileHeader(path, header, f.tell())
     except InvalidDicomError as exc:
         # The path may carry patient data; the reason from pydicom does not.
         raise DecodeError(f"not a DICOM Part 10 file ({exc})") from exc
@@ -180,28 +201,83 @@ def _check_decodable(header: Dataset, meta: FrameMeta) -> UID:
     return syntax
 
 
+#: The pixel data elements and their keywords in pydicom's decoding options (PS3.3 C.7.6.3).
+_PIXEL_KEYWORDS: Final = {
+    (0x7FE0, 0x0008): "FloatPixelData",
+    (0x7FE0, 0x0009): "DoubleFloatPixelData",
+    (0x7FE0, 0x0010): "PixelData",
+}
+_YBR: Final = frozenset({"YBR_FULL", "YBR_FULL_422"})
+
+
+def _pixel_options(f: BinaryIO, header: Dataset, syntax: UID) -> dict[str, Any]:
+    """Decoding options for the pixel data element ``f`` is positioned at; leave ``f`` at its value.
+
+    The element header is PS3.5 7.1.2: tag, then (explicit VR) the VR, two reserved bytes and a
+    32-bit length, or (implicit VR) the 32-bit length.
+    """
+    opts = as_pixel_options(header)
+    opts["transfer_syntax_uid"] = syntax
+    order = "<" if syntax.is_little_endian else ">"
+    data = f.read(8)
+    if len(data) != 8:
+        raise ValueError("the dataset ends before its Pixel Data (7FE0,0010)")
+    group, element = struct.unpack(f"{order}HH", data[:4])
+    if (group, element) not in _PIXEL_KEYWORDS:
+        raise ValueError(f"no Pixel Data: the dataset continues with ({group:04X},{element:04X})")
+    opts["pixel_keyword"] = _PIXEL_KEYWORDS[(group, element)]
+    if not syntax.is_implicit_VR:
+        opts["pixel_vr"] = data[4:6].decode("ascii", "replace")
+        f.read(4)  # the 32-bit length that follows OB/OW/OF/OD's reserved bytes
+    return opts
+
+
+def _raw_frames(
+    source: _FileHeader | Dataset, indices: list[int], plugin: str
+) -> Generator[tuple[np.ndarray, str], None, None]:
+    """``(frame, photometric interpretation of the frame)`` as pydicom's decoder yields them raw."""
+    if isinstance(source, Dataset):
+        syntax = UID(str(source.file_meta.TransferSyntaxUID))
+        frames = get_decoder(syntax).iter_array(
+            source,
+            indices=indices,
+            raw=True,
+            decoding_plugin=plugin,
+            **as_pixel_options(source),
+        )
+        for arr, properties in frames:
+            yield arr, str(properties.get("photometric_interpretation", ""))
+        return
+    with open(source.path, "rb") as f:
+        f.seek(source.pixel_offset)
+        syntax = UID(str(source.header.file_meta.TransferSyntaxUID))
+        options = _pixel_options(f, source.header, syntax)
+        frames = get_decoder(syntax).iter_array(
+            f, indices=indices, raw=True, decoding_plugin=plugin, **options
+        )
+        for arr, properties in frames:
+            yield arr, str(properties.get("photometric_interpretation", ""))
+
+
 def _preferred_plugin(syntax: UID) -> str:
     name = _PREFERRED_PLUGINS.get(syntax, "")
     return name if name in get_decoder(syntax).available_plugins else ""
 
 
 def _decoded(
-    pixels: str | os.PathLike[str] | Dataset, todo: list[int], plugin: str, *, fallback: bool
-) -> Generator[tuple[int, np.ndarray], None, None]:
-    """``(frame index, decoded frame)`` for each of ``todo``, streamed by ``iter_pixels``.
+    pixels: _FileHeader | Dataset, todo: list[int], plugin: str, *, fallback: bool
+) -> Generator[tuple[int, np.ndarray, str], None, None]:
+    """``(frame index, raw frame, its photometric interpretation)`` for each of ``todo``.
 
     With ``fallback``, a frame the (preferred) ``plugin`` rejects is retried, with the rest, in
     pydicom's own plugin order: a preference may change speed, never what decodes.
     """
     position = 0
     while position < len(todo):
-        frames = cast(
-            Generator[np.ndarray, None, None],
-            iter_pixels(pixels, indices=todo[position:], decoding_plugin=plugin),
-        )
+        frames = _raw_frames(pixels, todo[position:], plugin)
         try:
-            for raw in frames:
-                yield todo[position], raw
+            for raw, photometric in frames:
+                yield todo[position], raw, photometric
                 position += 1
             return
         except _DECODER_FAILURES as exc:
@@ -260,11 +336,16 @@ def iter_frames(
     OSError
         The file cannot be read.
     """
-    header = _read_header(source)
+    pixels: _FileHeader | Dataset
+    if isinstance(source, Dataset):
+        header = pixels = source
+    else:
+        pixels = _read_file_header(source)
+        header = pixels.header
     meta = _meta_from_header(header)
     syntax = _check_decodable(header, meta)
     convert = rgb_converter(header)
-    pixels: str | os.PathLike[str] | Dataset = source
+    from_ybr = YBRConverter()
     if not isinstance(source, Dataset) and syntax == DeflatedExplicitVRLittleEndian:
         pixels = dcmread(source)  # PS3.5 A.5: one zlib stream, nothing to seek in
     todo = list(indices) if indices is not None else list(range(meta.number_of_frames))
@@ -279,7 +360,7 @@ def iter_frames(
     try:
         while True:
             try:
-                index, raw = next(frames)
+                index, raw, photometric = next(frames)
             except StopIteration:
                 return
             except _FrameFailure as failure:
@@ -290,6 +371,8 @@ def iter_frames(
                     frame_index=failure.index,
                 ) from cause
             try:
+                if photometric.strip().upper() in _YBR:
+                    raw = from_ybr(raw)  # what pydicom does without raw=True, PS3.3 C.7.6.3.1.2
                 rgb = convert(raw)
             except _DECODER_FAILURES as exc:
                 raise DecodeError(

@@ -10,6 +10,9 @@ The image region comes from the Sequence of Ultrasound Regions (0018,6011) when 
 (PS3.3 C.8.5.5); else it is estimated as the largest bright connected area, which is the sector.
 Nothing at or below the region's first row is ever blanked: the tissue the models read stays
 bit-identical.
+
+The strip does not move within a cine: :func:`decide_band` looks once (on the first frame) and
+:func:`apply_band` blanks every frame with that decision, each frame getting its own report.
 """
 
 from __future__ import annotations
@@ -103,6 +106,20 @@ class ScrubParams:
 
 
 @dataclass(frozen=True, slots=True)
+class BandDecision:
+    """Which rows to blank on every frame of one instance, and why."""
+
+    method: Method
+    #: Rows ``[0, band_height)`` are blanked (0: nothing text-like above the region).
+    band_height: int
+    region_source: RegionSource
+    region_top: int | None
+    capped: bool
+    #: ``(rows, columns)`` of the frames the decision was made for.
+    shape: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
 class ScrubReport:
     """What :func:`scrub_band` did to one frame; :func:`require_scrubbed` checks it."""
 
@@ -140,19 +157,46 @@ def scrub_band(
         what was done and why (configured or detected, where the region came from).
     """
     params = params or ScrubParams()
+    return apply_band(frame, meta, decide_band(frame, meta, params), params)
+
+
+def decide_band(
+    frame: Frame, meta: FrameMeta, params: ScrubParams | None = None, *, detect: bool = True
+) -> BandDecision:
+    """Decide the strip for this frame's instance: configured for the scanner, else detected.
+
+    Parameters
+    ----------
+    frame
+        A frame of the instance (the first of a cine): detection and region estimation look at it.
+    meta
+        Scanner identity and Ultrasound Regions.
+    params
+        Configured strips and detection thresholds.
+    detect
+        Detect the strip when none is configured for the scanner. With ``False`` an unlisted
+        scanner raises :class:`ValueError`: the operator chose to rely on configured strips only.
+    """
+    params = params or ScrubParams()
     if frame.ndim not in (2, 3) or frame.dtype != np.uint8:
         raise ValueError(f"frame {frame.shape} {frame.dtype}: expected H×W[×C] uint8")
-    height = frame.shape[0]
+    height, width = frame.shape[:2]
+    configured = params.configured_strip(meta.manufacturer, meta.model_name)
+    if configured is None and not detect:
+        raise ValueError(
+            f"no PHI strip configured for manufacturer {meta.manufacturer!r} model "
+            f"{meta.model_name!r} and strip detection is off"
+        )
     region = meta.image_region()
     source: RegionSource = "header"
-    if region is not None and not region.within(height, frame.shape[1]):
+    if region is not None and not region.within(height, width):
         region = None  # resized after capture: the header's coordinates are not this grid's
     if region is None:
-        region = estimate_image_region(frame, params)
+        # Only detection, and a configured strip's cap, need a region; the estimate is costly.
+        region = estimate_image_region(frame, params) if configured is None else None
         source = "estimated" if region is not None else "none"
     region_top = None if region is None else max(0, min(region.y0, height))
 
-    configured = params.configured_strip(meta.manufacturer, meta.model_name)
     capped = False
     method: Method
     if configured is not None:
@@ -170,17 +214,38 @@ def scrub_band(
         limit = height if region_top is None else region_top
         gap = None if source == "header" else params.max_gap_rows
         band = detect_text_band(frame, limit, params, gap)
+    return BandDecision(method, band, source, region_top, capped, (height, width))
 
-    out = frame.copy()
-    out[:band] = params.fill
+
+def apply_band(
+    frame: Frame,
+    meta: FrameMeta,
+    decision: BandDecision,
+    params: ScrubParams | None = None,
+    *,
+    in_place: bool = False,
+) -> tuple[Frame, ScrubReport]:
+    """Blank ``decision.band_height`` rows of one frame; return the frame and its report.
+
+    ``in_place`` writes into ``frame`` (which the caller owns, e.g. fresh from decode) instead
+    of a copy.
+    """
+    params = params or ScrubParams()
+    if frame.shape[:2] != decision.shape:
+        raise ValueError(
+            f"frame of {frame.shape[0]} x {frame.shape[1]} pixels, but the strip was decided "
+            f"for {decision.shape[0]} x {decision.shape[1]}"
+        )
+    out = frame if in_place else frame.copy()
+    out[: decision.band_height] = params.fill
     report = ScrubReport(
         sop_instance_uid=meta.sop_instance_uid,
         frame_index=meta.frame_index,
-        method=method,
-        band_height=band,
-        region_source=source,
-        region_top=region_top,
-        capped=capped,
+        method=decision.method,
+        band_height=decision.band_height,
+        region_source=decision.region_source,
+        region_top=decision.region_top,
+        capped=decision.capped,
     )
     return out, report
 
@@ -277,5 +342,13 @@ def _grey(frame: Frame) -> NDArray[np.uint8]:
     """Brightest channel: coloured text is as visible as white text."""
     if frame.ndim == 2:
         return frame
-    result: NDArray[np.uint8] = frame.max(axis=2)
-    return result
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        # cv2.split returns no planes for an empty array (e.g. a region starting at row 0).
+        return np.zeros(frame.shape[:2], np.uint8)
+    # OpenCV's element-wise max of the planes: numpy's reduction over a 3-long last axis is
+    # ~15x slower.
+    planes = cv2.split(np.ascontiguousarray(frame))
+    result = planes[0]
+    for plane in planes[1:]:
+        result = cv2.max(result, plane)
+    return np.asarray(result)

@@ -3,6 +3,7 @@ everything outside the mask is bit-identical, and the filled pixels resemble the
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,16 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_color_lut
 
-from pipelines.inpaint import InpaintParams, annotation_mask, bright_mark_mask, inpaint
+from pipelines.inpaint import (
+    InpaintParams,
+    annotation_mask,
+    bright_mark_mask,
+    fill_navier_stokes,
+    inpaint,
+)
+from pipelines.inpaint.core import _anchored_groups, _dot_chains, _towering
+from pipelines.inpaint.fill import clusters
+from pipelines.inpaint.median import LocalMedian, brighter_than_median
 from pipelines.phantom import PhantomSample, make_phantom
 
 from helpers import ultrasound_files
@@ -144,3 +154,145 @@ def test_real_files_inpaint(name: str) -> None:
     assert np.array_equal(out[~mask], frame[~mask])
     print(f"{name}: {mask.mean():.2%} of the frame inpainted")
     assert 0 < mask.mean() < 0.25
+
+
+# --- the fast paths equal the whole-frame reference, bit for bit --------------------------------
+
+
+def _exactness_frames() -> list[tuple[str, np.ndarray]]:
+    frames = [
+        (f"{kind}/{style}", np.array(make_phantom(seed, kind, style=style).annotated))
+        for seed, kind, style in [
+            (40, "head", "grey"),
+            (41, "heart", "grey"),
+            (42, "head", "colour"),
+        ]
+    ]
+    # JPEG's chroma noise makes tissue not exactly grey: the three-channel fill path.
+    encoded = cv2.imencode(".jpg", frames[0][1][..., ::-1])[1]
+    jpeg = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1]
+    frames.append(("head/grey jpeg", np.ascontiguousarray(jpeg)))
+    for name in ("US1_UNCR.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"):
+        (path,) = [p for p in ultrasound_files() if p.name == name]
+        frames.append((name, _first_frame(path)))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def exactness_frames() -> list[tuple[str, np.ndarray]]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _exactness_frames()
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 9, 11])
+def test_sparse_median_test_equals_a_whole_frame_median(
+    kernel: int, exactness_frames: list[tuple[str, np.ndarray]]
+) -> None:
+    noise = np.random.default_rng(kernel).integers(0, 256, (97, 131), dtype=np.uint8)
+    planes = [("noise", noise)] + [(n, f.max(axis=2)) for n, f in exactness_frames]
+    for name, bright in planes:
+        for threshold, contrast in ((190, 40), (20, 60)):
+            median = cv2.medianBlur(bright, kernel)
+            expected = (bright >= threshold) & (cv2.subtract(bright, median) >= contrast)
+            got = brighter_than_median(bright, threshold, contrast, kernel)
+            assert np.array_equal(got.view(bool), expected), (name, threshold, contrast)
+
+
+def _towering_reference(
+    pixels: np.ndarray, strokes: np.ndarray, bright: np.ndarray, contrast: int, axis: int
+) -> np.ndarray:
+    """The original dense formulation: strokes replaced by their 9×9 median, edge-padded."""
+    level = np.where(strokes, cv2.medianBlur(bright, 9), bright).astype(np.int16)
+    padded = np.pad(level, 2, mode="edge")
+    if axis == 0:
+        across = np.maximum(padded[:-4, 2:-2], padded[4:, 2:-2])
+    else:
+        across = np.maximum(padded[2:-2, :-4], padded[2:-2, 4:])
+    result: np.ndarray = pixels & (bright.astype(np.int16) - across >= contrast)
+    return result
+
+
+def test_stroke_neighbour_test_equals_the_dense_formulation(
+    exactness_frames: list[tuple[str, np.ndarray]],
+) -> None:
+    for name, frame in exactness_frames:
+        bright = frame.max(axis=2)
+        strokes = brighter_than_median(bright, 190, 40, 9).view(bool)
+        local = LocalMedian(bright, 9)
+        for axis in (0, 1):
+            got = _towering(strokes, strokes, local, 40, axis=axis).view(bool)
+            assert np.array_equal(got, _towering_reference(strokes, strokes, bright, 40, axis)), (
+                name,
+                axis,
+            )
+
+
+def test_dot_shortcut_equals_labelling_the_dots(
+    exactness_frames: list[tuple[str, np.ndarray]],
+) -> None:
+    params = InpaintParams()
+    found = 0
+    for name, frame in exactness_frames:
+        bright = frame.max(axis=2)
+        fast = _dot_chains(bright, params)
+        assert np.array_equal(fast, _dot_chains(bright, params, by_components=True)), name
+        found += int(fast.sum())
+    assert found > 0, "no dotted line among the frames: the comparison proves nothing"
+
+
+def test_cropped_fill_equals_cv2_inpaint_of_the_whole_frame(
+    exactness_frames: list[tuple[str, np.ndarray]],
+) -> None:
+    for name, frame in exactness_frames:
+        mask = annotation_mask(frame)
+        for radius in (1, 3, 6):
+            whole = cv2.inpaint(frame, mask.view(np.uint8), radius, cv2.INPAINT_NS)
+            expected = frame.copy()
+            expected[mask] = whole[mask]
+            assert np.array_equal(fill_navier_stokes(frame, mask, radius), expected), (name, radius)
+        grey = np.ascontiguousarray(frame[..., 1])
+        whole_grey = cv2.inpaint(grey, mask.view(np.uint8), 3, cv2.INPAINT_NS)
+        assert np.array_equal(fill_navier_stokes(grey, mask, 3)[mask], whole_grey[mask]), name
+
+
+def test_clusters_are_disjoint_and_keep_their_margin() -> None:
+    rng = np.random.default_rng(3)
+    mask = np.zeros((300, 400), np.uint8)
+    for _ in range(40):
+        y, x = int(rng.integers(0, 300)), int(rng.integers(0, 400))
+        mask[y : y + int(rng.integers(1, 6)), x : x + int(rng.integers(1, 30))] = 1
+    mask[0, 0] = mask[299, 399] = 1  # clusters at the frame's corners are clipped, not lost
+    margin = 5
+    boxes = clusters(mask, margin)
+    covered = np.zeros(mask.shape, np.int32)
+    for y0, y1, x0, x1 in boxes:
+        covered[y0:y1, x0:x1] += 1
+        inside = mask[y0:y1, x0:x1]
+        ys, xs = np.nonzero(inside)
+        # Every masked pixel of the box lies ``margin`` inside it, unless at the frame's edge.
+        assert (ys.min() + y0 >= y0 + margin) or y0 == 0
+        assert (ys.max() + y0 < y1 - margin) or y1 == 300
+        assert (xs.min() + x0 >= x0 + margin) or x0 == 0
+        assert (xs.max() + x0 < x1 - margin) or x1 == 400
+    assert covered.max() == 1, "boxes overlap"
+    assert (covered[mask > 0] == 1).all(), "a masked pixel is in no box"
+
+
+@pytest.mark.parametrize("groups", [30, 400])  # 400: past the flood fill's 253 labels
+def test_anchored_groups_are_the_components_holding_a_run(groups: int) -> None:
+    rng = np.random.default_rng(groups)
+    grouped = np.zeros((400, 600), np.uint8)
+    for _ in range(groups * 2):
+        y, x = int(rng.integers(0, 396)), int(rng.integers(0, 590))
+        grouped[y : y + int(rng.integers(1, 4)), x : x + int(rng.integers(1, 10))] = 1
+    runs = grouped & (rng.random(grouped.shape) < 0.3)
+    labels, stats = _anchored_groups(grouped, runs.astype(np.uint8))
+    count, reference, ref_stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+    anchored = np.unique(reference[runs > 0])
+    assert len(anchored) > 20
+    for label in anchored:
+        pixels = reference == label
+        (mine,) = np.unique(labels[pixels])  # one label for the whole component...
+        assert (labels == mine).sum() == pixels.sum()  # ...and for nothing else
+        assert np.array_equal(stats[mine], ref_stats[label])

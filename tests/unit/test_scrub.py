@@ -17,11 +17,13 @@ from pydicom.pixels import apply_color_lut
 from pydicom.sequence import Sequence as DicomSequence
 
 from pipelines.frames import FrameMeta, UltrasoundRegion
-from pipelines.phantom import PhantomSample, frame_meta, make_phantom
+from pipelines.phantom import PhantomSample, frame_meta, make_cine, make_phantom
 from pipelines.phantom.dicom import phantom_dataset
 from pipelines.scrub import (
     ScrubParams,
     UnscrubbedFrameError,
+    apply_band,
+    decide_band,
     deidentify,
     estimate_image_region,
     pseudonymous_patient_key,
@@ -130,6 +132,39 @@ def test_header_region_outside_the_frame_is_not_trusted() -> None:
     out, report = scrub_band(sample.annotated, meta)
     assert report.region_source == "estimated"
     _assert_scrubbed(sample, out)
+
+
+def test_decide_once_apply_to_every_frame() -> None:
+    cine = make_cine(14, 3, "heart")
+    meta = frame_meta(cine[0], number_of_frames=3)
+    decision = decide_band(cine[0].annotated, meta)
+    assert decision.method == "detected" and decision.band_height > 0
+    for index, sample in enumerate(cine):
+        frame_meta_i = dataclasses.replace(meta, frame_index=index)
+        frame = np.array(sample.annotated)
+        out, report = apply_band(frame, frame_meta_i, decision, in_place=True)
+        assert out is frame and report.frame_index == index
+        assert report.band_height == decision.band_height and not out[sample.phi_mask].any()
+        require_scrubbed(frame_meta_i, report)
+        # Per-frame scrub_band decides the same on each frame of a loop.
+        assert scrub_band(sample.annotated, frame_meta_i)[1] == report
+    with pytest.raises(ValueError, match="decided for 600 x 800"):
+        apply_band(np.zeros((10, 10, 3), np.uint8), meta, decision)
+
+
+def test_detection_off_and_configured_strips_without_a_region() -> None:
+    sample = make_phantom(15, "head")
+    meta = frame_meta(sample, with_regions=False)
+    with pytest.raises(ValueError, match="detection is off"):
+        decide_band(sample.annotated, meta, detect=False)
+    params = ScrubParams(strips={("usfmd-phantom", "*"): 40})
+    decision = decide_band(sample.annotated, meta, params, detect=False)
+    # A configured strip needs no region: none is estimated (it would only cost time).
+    assert (decision.method, decision.band_height, decision.region_source) == (
+        "configured",
+        40,
+        "none",
+    )
 
 
 def test_guard_fails_closed() -> None:
