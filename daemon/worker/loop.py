@@ -6,6 +6,7 @@ import logging
 import threading
 import traceback
 from datetime import UTC, datetime
+from pathlib import Path
 
 from daemon.db import queue
 from daemon.db.queue import ClaimedJob, LeaseLost
@@ -84,20 +85,28 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any handler error is the job's, not the worker's
             beat.done.set()
             error = f"{type(exc).__name__}: {exc}"
+            where = None
             if not isinstance(exc, JobFailed):
                 error += "\n" + traceback.format_exc(limit=8)
+                # Where it broke, without the message (which may quote data): for the log.
+                last = traceback.extract_tb(exc.__traceback__)[-1]
+                where = f"{Path(last.filename).name}:{last.lineno} in {last.name}"
+            # A permanent failure (e.g. an undecodable file) is dead-lettered at once: retrying
+            # cannot change the bytes in the archive.
+            permanent = isinstance(exc, JobFailed) and exc.permanent
             state = queue.fail(
                 self.ctx.db,
                 job,
                 self.ctx.worker,
                 _now(),
                 error,
-                q.max_attempts,
+                job.attempts if permanent else q.max_attempts,
                 q.backoff_base_seconds,
                 q.backoff_max_seconds,
             )
             log.warning(
-                "job failed", extra={**extra, "state": state.value, "error": type(exc).__name__}
+                "job failed",
+                extra={**extra, "state": state.value, "error": type(exc).__name__, "where": where},
             )
             self.current = None
             return

@@ -129,3 +129,34 @@ def test_sigterm_releases_a_long_job(tmp_path: Path, db: Database) -> None:
     assert _stop(proc) == 0
     row = _job(db, job_id)
     assert (row.state, row.attempts, row.lease_owner) == (JobState.QUEUED, 0, None)
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path, db: Database) -> None:
+    """kill -9 of ``usfmd worker`` (or serve) must not leave orphans claiming jobs; a long job
+    they held is released for others."""
+    env = _env(tmp_path, db, lease_seconds=30, heartbeat_seconds=0.5, drain_seconds=0.5)
+    (job_id,) = _probes(db, 1, seconds=60.0)
+    parent = _workers(env, 1, tmp_path / "w.log")
+    try:
+        wait_for(lambda: _job(db, job_id).state == JobState.RUNNING, 30, "job claimed")
+        child = int((_job(db, job_id).lease_owner or "").split(":")[1])
+        parent.kill()
+        parent.wait(timeout=10)
+        wait_for(lambda: not _alive(child), 20, "the orphaned worker to exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert _job(db, job_id).state == JobState.QUEUED  # released, not left to the lease
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
