@@ -10,7 +10,6 @@ writing 1.7 GB.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import pytest
@@ -181,14 +180,11 @@ def test_fetalclip_open_clip_checkpoint_full_size(tmp_path: Path) -> None:
     state = constants({**visual, **text})
     path = tmp_path / "FetalCLIP_weights.pt"
     torch.save({"epoch": 20, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
-    started = time.perf_counter()
     tower = create_encoder("fetalclip-vit-l14", checkpoint=path)
-    elapsed = time.perf_counter() - started
     loaded = tower.state_dict()
     assert set(loaded) == {k[len("visual.") :] for k in visual}
     for i, key in enumerate(visual):
         assert bool((loaded[key[len("visual.") :]] == float(i)).all()), key
-    assert elapsed < 20, f"full-size ViT-L/14 load took {elapsed:.1f} s"
 
 
 def test_fetalclip_checkpoint_missing_a_block_is_refused(tmp_path: Path) -> None:
