@@ -203,6 +203,188 @@ class QueueSettings(_Section):
         return self
 
 
+#: A destination's name: how rows, logs and ``usfmd outbox`` refer to it.
+DestinationName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
+class DestinationTLS(_Section):
+    """DICOM TLS towards a destination (PS3.15 Annex B.9): usfmd is the client."""
+
+    enabled: bool = False
+    #: CA bundle the destination's certificate must chain to; None: the system trust store.
+    ca_certificates: Path | None = None
+    #: Our client certificate and key, for destinations that require one (both or neither).
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: Name the destination's certificate must carry; defaults to its ``host``.
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _files_present(self) -> DestinationTLS:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("tls.certificate and tls.private_key go together (client certificate)")
+        if self.enabled:
+            for name in ("ca_certificates", "certificate", "private_key"):
+                path = getattr(self, name)
+                if path is not None and not path.is_file():
+                    raise ValueError(f"tls.{name}: file {str(path)!r} does not exist")
+        return self
+
+
+class Destination(_Section):
+    """A Storage SCP that receives usfmd's results (a PACS, a viewer, a test peer)."""
+
+    name: DestinationName
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+    #: At most this many simultaneous associations to it, over all usfmd processes and hosts.
+    max_associations: int = Field(default=2, ge=1, le=32)
+    #: False: results are still queued for it, but not sent until it is enabled again.
+    enabled: bool = True
+    tls: DestinationTLS = DestinationTLS()
+
+
+class DispatchSettings(_Section):
+    """The outbox and its C-STORE dispatcher: results back to the PACS."""
+
+    #: ``usfmd serve`` runs a dispatcher (``usfmd worker --dispatch`` runs one on other hosts).
+    enabled: bool = True
+    destinations: tuple[Destination, ...] = ()
+    #: After this many attempts an object is dead for that destination, with its last error.
+    max_attempts: int = Field(default=8, ge=1)
+    #: Retry back-off: base × 2^(attempt−1), capped.
+    backoff_base_seconds: float = Field(default=30, ge=0)
+    backoff_max_seconds: float = Field(default=3600, ge=0)
+    #: Objects sent on one association before it is released.
+    batch_size: int = Field(default=16, ge=1, le=50)
+    #: A claimed batch belongs to its association this long; renewed after every object.
+    lease_seconds: float = Field(default=300, gt=0)
+    #: How often the outbox is checked for due objects.
+    poll_seconds: float = Field(default=1.0, gt=0)
+    connect_timeout: float = Field(default=10, gt=0)
+    acse_timeout: float = Field(default=30, gt=0)
+    dimse_timeout: float = Field(default=60, gt=0)
+    network_timeout: float = Field(default=60, gt=0)
+    #: SIGTERM: how long open associations may go on before they are aborted.
+    drain_seconds: float = Field(default=30, ge=0)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        names = [d.name for d in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"destination name {name!r} is used twice")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlasts_one_object(self) -> DispatchSettings:
+        needed = self.connect_timeout + self.acse_timeout + self.dimse_timeout
+        if self.lease_seconds <= needed:
+            raise ValueError(
+                f"dispatch.lease_seconds ({self.lease_seconds}) must exceed connect + ACSE + "
+                f"DIMSE timeouts ({needed}) or a slow send loses its lease mid-object"
+            )
+        return self
+
+    def destination(self, name: str) -> Destination | None:
+        return next((d for d in self.destinations if d.name == name), None)
+
+
+class ModelsSettings(_Section):
+    """The model registry's runtime side: where workers run models and how they notice updates."""
+
+    #: A worker checks which version of a task is active at most this often (hot reload).
+    reload_seconds: float = Field(default=10, gt=0)
+    #: "auto": CUDA when torch sees a GPU, else CPU; "cuda" without a GPU is an error.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: bf16 autocast: "auto" where the hardware has native bf16 (AVX-512 BF16/AMX, CUDA sm80+).
+    bf16: Literal["auto"] | bool = "auto"
+
+
+class ScrubBand(_Section):
+    """A scanner's burned-in patient strip: rows ``[0, rows)`` of every frame it sends."""
+
+    #: Manufacturer (0008,0070), compared case-insensitively.
+    manufacturer: str = Field(min_length=1)
+    #: Manufacturer's Model Name (0008,1090); None: every model of the manufacturer.
+    model: str | None = None
+    rows: int = Field(ge=0)
+
+
+class InpaintSettings(_Section):
+    """Annotation removal (pipelines/inpaint): the papers' HSV mask, dilation, closing and
+    Navier–Stokes fill, plus the detector of white / pale-yellow calipers and text."""
+
+    #: Saturation cut = mean + k·std of the lit pixels' saturation, clipped to floor..ceiling.
+    saturation_k: float = Field(default=3.0, ge=0)
+    saturation_floor: int = Field(default=60, ge=0, le=255)
+    saturation_ceiling: int = Field(default=128, ge=0, le=255)
+    #: Pixels darker than this (HSV value) are ignored by the colour mask.
+    value_floor: int = Field(default=50, ge=0, le=255)
+    #: Keep solid colour areas of at least this many pixels (colour Doppler); None: mask all.
+    colour_flow_min_area: int | None = Field(default=None, ge=1)
+    #: Also detect white / pale-yellow strokes and dotted lines on grey images.
+    bright_marks: bool = True
+    bright_threshold: int = Field(default=190, ge=0, le=255)
+    background_kernel: int = Field(default=9, ge=1)
+    contrast: int = Field(default=40, ge=1, le=255)
+    max_stroke_width: int = Field(default=2, ge=1)
+    run_length: int = Field(default=5, ge=2)
+    run_tolerance: int = Field(default=4, ge=0, le=255)
+    group_kernel: int = Field(default=5, ge=1)
+    colour_tolerance: int = Field(default=12, ge=0, le=255)
+    min_anchor_share: float = Field(default=0.5, ge=0, le=1)
+    dot_max_pixels: int = Field(default=4, ge=1)
+    dot_chain_kernel: int = Field(default=7, ge=3)
+    dot_min_count: int = Field(default=4, ge=1)
+    dot_min_extent: int = Field(default=20, ge=0)
+    #: Dilation, then closing, of the mask (square kernels).
+    dilate_kernel: int = Field(default=3, ge=1)
+    close_kernel: int = Field(default=5, ge=1)
+    #: Navier–Stokes inpainting radius (3 in the papers).
+    radius: int = Field(default=3, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InpaintSettings:
+        if self.background_kernel % 2 == 0:
+            raise ValueError(
+                f"background_kernel={self.background_kernel}: expected an odd window size"
+            )
+        if self.saturation_floor > self.saturation_ceiling:
+            raise ValueError(
+                f"saturation_floor ({self.saturation_floor}) must not exceed "
+                f"saturation_ceiling ({self.saturation_ceiling})"
+            )
+        return self
+
+
+class PipelineSettings(_Section):
+    """The image stages every analysed frame goes through: scrub, then inpaint."""
+
+    #: Burned-in patient strips per scanner; scanners not listed get the strip detected.
+    scrub_bands: tuple[ScrubBand, ...] = ()
+    #: Detect the strip of scanners not listed. Off: their frames fail unless the header says
+    #: Burned In Annotation NO.
+    detect_band: bool = True
+    inpaint: InpaintSettings = InpaintSettings()
+
+    @field_validator("scrub_bands")
+    @classmethod
+    def _one_band_per_scanner(cls, value: tuple[ScrubBand, ...]) -> tuple[ScrubBand, ...]:
+        seen: set[tuple[str, str | None]] = set()
+        for band in value:
+            key = (band.manufacturer.strip().casefold(), (band.model or "").strip().casefold())
+            if key in seen:
+                raise ValueError(
+                    f"scrub band for manufacturer {band.manufacturer!r} model {band.model!r} "
+                    "listed twice"
+                )
+            seen.add(key)
+        return value
+
+
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = Field(default=False, alias="json")
@@ -226,6 +408,9 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     study: StudySettings = StudySettings()
     queue: QueueSettings = QueueSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    models: ModelsSettings = ModelsSettings()
+    pipeline: PipelineSettings = PipelineSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -14,6 +14,7 @@ from daemon.config import Settings
 from daemon.db import migrate
 from daemon.db.engine import Database
 from daemon.db.studies import sweep
+from daemon.dispatch.dispatcher import Dispatcher
 from daemon.receive.archive import Archive
 from daemon.receive.handlers import Receiver
 from daemon.receive.server import DicomServer
@@ -54,6 +55,11 @@ class Daemon:
         self.server = DicomServer(settings.dicom, self.receiver)
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.workers = WorkerPool(settings, settings.queue.workers)
+        # Results go out from here unless dispatch is left to `usfmd worker --dispatch` hosts.
+        sending = settings.dispatch.enabled and any(
+            d.enabled for d in settings.dispatch.destinations
+        )
+        self.dispatcher = Dispatcher(settings, self.db, self.archive.root) if sending else None
         self._stopped = threading.Event()
 
     def sweep_once(self) -> tuple[int, int]:
@@ -88,6 +94,8 @@ class Daemon:
         )
         self.scheduler.start()
         self.workers.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
 
     def stop(self) -> None:
         if self._stopped.is_set():
@@ -96,6 +104,8 @@ class Daemon:
         self.server.stop()
         self.scheduler.shutdown(wait=True)
         self.workers.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()  # open associations drain; unsent objects stay queued
         self.receiver.close()
         self.db.dispose()
         log.info("usfmd stopped")

@@ -11,14 +11,25 @@ from datetime import datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, Executable, exists, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from daemon.db.models import Instance, Patient, Series, Study, StudyState
+from daemon.db.models import Instance, OutputInstance, Patient, Series, Study, StudyState
 from daemon.errors import ConformanceError
 from daemon.receive.archive import is_valid_uid
-from daemon.receive.sop_classes import is_analysable
+from daemon.receive.sop_classes import OWN_MANUFACTURER, STORED_ONLY_SOP_CLASSES, is_analysable
+
+#: The SOP classes usfmd writes results in (PS3.4 B.5): reports and documents, and the Secondary
+#: Capture family for heatmaps; never an ultrasound class. Only these can carry a SOP Instance
+#: UID recorded as ours, so the loop guard's lookup skips the bulk of ingest (ultrasound).
+RESULT_SOP_CLASSES: frozenset[str] = frozenset(STORED_ONLY_SOP_CLASSES) | {
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
+}
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
@@ -61,10 +72,12 @@ class InstanceHeader:
     rows: int | None
     columns: int | None
     photometric_interpretation: str | None
+    #: Made by usfmd (or derived from what it made): stored, never analysed (loop guard).
+    produced_by_us: bool = False
 
     @property
     def analysable(self) -> bool:
-        return is_analysable(self.sop_class_uid, self.manufacturer)
+        return not self.produced_by_us and is_analysable(self.sop_class_uid, self.manufacturer)
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
@@ -104,7 +117,28 @@ class InstanceHeader:
             rows=_int(ds, "Rows"),
             columns=_int(ds, "Columns"),
             photometric_interpretation=_text(ds, "PhotometricInterpretation", 16),
+            produced_by_us=produced_by_us(ds),
         )
+
+
+def _is_ours(manufacturer: object) -> bool:
+    return str(manufacturer or "").strip().casefold() == OWN_MANUFACTURER
+
+
+def produced_by_us(ds: Dataset) -> bool:
+    """Whether ``ds`` is one of usfmd's results, or was derived from one (loop guard, DESIGN §4).
+
+    usfmd writes its name as Manufacturer (0008,0070) of the General Equipment module (PS3.3
+    C.7.5.1) of every object it makes, and lists itself in the Contributing Equipment Sequence
+    (0018,A001, SOP Common, PS3.3 C.12.1) of results; an object that a PACS or workstation
+    derives from ours keeps that item. Either one means: store, never analyse. The comparison
+    ignores case and padding, which a PACS may change; ``usfmd-phantom`` (test scanners) is
+    a different name and stays analysable.
+    """
+    if _is_ours(ds.get("Manufacturer")):
+        return True
+    contributing = ds.get("ContributingEquipmentSequence") or []
+    return any(_is_ours(item.get("Manufacturer")) for item in contributing)
 
 
 def _insert_ignore(conn: Connection, model: type[Any], values: dict[str, Any]) -> bool:
@@ -142,15 +176,21 @@ def _patient_pk(conn: Connection, h: InstanceHeader) -> int:
 
 
 def _study_pk(conn: Connection, h: InstanceHeader, calling_ae: str | None, now: datetime) -> int:
-    # A new instance (re)opens the study: the stability clock restarts (mercure-style idle
-    # timeout). One UPDATE ... RETURNING finds and touches an existing study in one statement.
-    touch = (
-        update(Study)
-        .where(Study.study_instance_uid == h.study_instance_uid)
-        .values(last_received_at=now, state=StudyState.RECEIVING, calling_ae=calling_ae)
-        .returning(Study.id)
-    )
-    pk = conn.scalar(touch)
+    find: Executable
+    if h.produced_by_us:
+        # Loop guard: our own result (stored by us, or coming back from a PACS) joins its
+        # study without re-opening it, so it can never make the study due for work again.
+        find = select(Study.id).where(Study.study_instance_uid == h.study_instance_uid)
+    else:
+        # A new instance (re)opens the study: the stability clock restarts (mercure-style idle
+        # timeout). One UPDATE ... RETURNING finds and touches an existing study in one statement.
+        find = (
+            update(Study)
+            .where(Study.study_instance_uid == h.study_instance_uid)
+            .values(last_received_at=now, state=StudyState.RECEIVING, calling_ae=calling_ae)
+            .returning(Study.id)
+        )
+    pk = conn.scalar(find)
     if pk is None:
         _insert_ignore(
             conn,
@@ -166,7 +206,7 @@ def _study_pk(conn: Connection, h: InstanceHeader, calling_ae: str | None, now: 
                 "last_received_at": now,
             },
         )
-        pk = conn.scalar(touch)  # ours, or a concurrent association's
+        pk = conn.scalar(find)  # ours, or a concurrent association's
     return int(pk)  # type: ignore[arg-type]
 
 
@@ -219,6 +259,13 @@ def record_instance(
     ~0.48 ms per instance (SQLite, no fsync; see docs/benchmarks.md, Ingest).
     """
     conn = session.connection()
+    # Loop guard by identity: a SOP Instance UID we recorded as our result is never analysed,
+    # even if a PACS coerced its Manufacturer on the way back. The subquery runs inside the
+    # INSERT (no extra round trip), and only for a class we write results in that would be
+    # analysable otherwise (a Secondary Capture): ultrasound ingest pays nothing for it.
+    analysable: Any = header.analysable
+    if analysable and header.sop_class_uid in RESULT_SOP_CLASSES:
+        analysable = ~exists().where(OutputInstance.sop_instance_uid == header.sop_instance_uid)
     study_pk = _study_pk(conn, header, calling_ae, now)
     series_pk = _series_pk(conn, header, study_pk)
     values = {
@@ -236,7 +283,7 @@ def record_instance(
         "size_bytes": size_bytes,
         "calling_ae": calling_ae,
         "received_at": now,
-        "analysable": header.analysable,
+        "analysable": analysable,
         "duplicates": 0,
     }
     if _insert_ignore(conn, Instance, values):

@@ -264,3 +264,61 @@ class ModelVersion(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class OutboxState(enum.StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"  # claimed by an association (leased)
+    SENT = "sent"  # the destination answered Success or an accepted warning
+    FAILED = "failed"  # will be retried after back-off
+    DEAD = "dead"  # gave up after dispatch.max_attempts: needs an operator
+    CANCELLED = "cancelled"  # by an operator
+
+
+class OutputInstance(Base):
+    """A DICOM object usfmd produced (SR, heatmap SC): what the loop guard knows as ours.
+
+    ``result_key`` names the result (e.g. study + model version) so a job that runs twice finds
+    the object it already made instead of minting a second SOP Instance UID for it.
+    """
+
+    __tablename__ = "output_instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), unique=True)
+    result_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OutboxItem(Base):
+    """One object for one destination; like a job, its row is the whole story of its sending."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        # Enqueueing twice never sends twice: one row per object and destination.
+        UniqueConstraint("sop_instance_uid", "destination", name="uq_outbox_sop_destination"),
+        Index("ix_outbox_destination_state_not_before", "destination", "state", "not_before"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID)
+    #: ``dispatch.destinations[].name``.
+    destination: Mapped[str] = mapped_column(String(64))
+    #: The archived file that is sent, byte for byte.
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    state: Mapped[OutboxState] = mapped_column(_enum(OutboxState), default=OutboxState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: Earliest next attempt (back-off after a failure).
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime())
+    #: The association slot that holds it while sending; a lease that expires frees it.
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: DIMSE Status of the destination's last C-STORE response (None: no response).
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    #: Why the last attempt failed: statuses and network errors only, never patient data.
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
