@@ -12,10 +12,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Executable, exists, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from daemon.db.models import Instance, OutputInstance, Patient, Series, Study, StudyState
+from daemon.db.sql import insert_ignore
 from daemon.errors import ConformanceError
 from daemon.receive.archive import is_valid_uid
 from daemon.receive.sop_classes import OWN_MANUFACTURER, STORED_ONLY_SOP_CLASSES, is_analysable
@@ -141,26 +141,11 @@ def produced_by_us(ds: Dataset) -> bool:
     return any(_is_ours(item.get("Manufacturer")) for item in contributing)
 
 
-def _insert_ignore(conn: Connection, model: type[Any], values: dict[str, Any]) -> bool:
-    """INSERT that yields to a concurrent writer of the same unique key; True if it inserted."""
-    dialect = conn.dialect.name
-    stmt: postgresql.Insert | sqlite.Insert
-    if dialect == "postgresql":
-        stmt = postgresql.insert(model).values(**values).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        stmt = sqlite.insert(model).values(**values).on_conflict_do_nothing()
-    else:  # pragma: no cover - only the two supported backends exist
-        raise NotImplementedError(dialect)
-    # RETURNING, not rowcount: the driver-level rowcount of ON CONFLICT DO NOTHING is not
-    # reported consistently across backends and SQLAlchemy execution paths.
-    return conn.execute(stmt.returning(model.id)).first() is not None
-
-
 def _patient_pk(conn: Connection, h: InstanceHeader) -> int:
     query = select(Patient.id).where(Patient.patient_id == h.patient_id, Patient.issuer == h.issuer)
     pk = conn.scalar(query)
     if pk is None:
-        _insert_ignore(
+        insert_ignore(
             conn,
             Patient,
             {
@@ -192,7 +177,7 @@ def _study_pk(conn: Connection, h: InstanceHeader, calling_ae: str | None, now: 
         )
     pk = conn.scalar(find)
     if pk is None:
-        _insert_ignore(
+        insert_ignore(
             conn,
             Study,
             {
@@ -214,7 +199,7 @@ def _series_pk(conn: Connection, h: InstanceHeader, study_pk: int) -> int:
     query = select(Series.id).where(Series.series_instance_uid == h.series_instance_uid)
     pk = conn.scalar(query)
     if pk is None:
-        _insert_ignore(
+        insert_ignore(
             conn,
             Series,
             {
@@ -286,7 +271,7 @@ def record_instance(
         "analysable": analysable,
         "duplicates": 0,
     }
-    if _insert_ignore(conn, Instance, values):
+    if insert_ignore(conn, Instance, values):
         return True
     count_duplicate(session, header.sop_instance_uid)  # a concurrent association won the race
     return False

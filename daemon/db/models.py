@@ -17,6 +17,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -178,6 +179,9 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
+    #: Names a job that must exist once (e.g. ``report:<study>:<model version>:<findings>``);
+    #: enqueueing the same key again is a no-op.
+    dedup_key: Mapped[str | None] = mapped_column(String(255), unique=True)
     #: The instance an ``analyze`` job works on; None for jobs about no instance (``probe``).
     instance_pk: Mapped[int | None] = mapped_column(ForeignKey("instances.id"))
     study_pk: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
@@ -322,3 +326,34 @@ class OutboxItem(Base):
     #: Why the last attempt failed: statuses and network errors only, never patient data.
     last_error: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Finding(Base):
+    """What one model version concluded about one image: the row behind its SR content.
+
+    One per (instance, model version): re-running an analysis finds the row instead of adding
+    one. ``created_at`` is reused when the SR or heatmap is rebuilt, so rebuilt objects are
+    byte-identical (pipelines/report).
+    """
+
+    __tablename__ = "findings"
+    __table_args__ = (
+        UniqueConstraint("instance_pk", "model_version_pk", name="uq_findings_instance_version"),
+        Index("ix_findings_study_version", "study_pk", "model_version_pk"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instances.id"))
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    model_version_pk: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    task: Mapped[str] = mapped_column(String(64))
+    class_name: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    #: Every class's aggregated probability, in the task's class order.
+    probabilities: Mapped[list[float]] = mapped_column(JSON)
+    frames: Mapped[int] = mapped_column(Integer)
+    #: 0-based frame the heatmap shows (the best frame of a cine).
+    best_frame: Mapped[int] = mapped_column(Integer)
+    aggregation: Mapped[str | None] = mapped_column(String(16))
+    heatmap_sop_instance_uid: Mapped[str | None] = mapped_column(UID)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())

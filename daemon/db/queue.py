@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from daemon.db.engine import Database
 from daemon.db.models import Job, JobResult, JobState
+from daemon.db.sql import insert_ignore
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,33 @@ def enqueue(
     )
     session.add(job)
     return job
+
+
+def enqueue_once(
+    session: Session,
+    kind: str,
+    dedup_key: str,
+    now: datetime,
+    params: dict[str, Any] | None = None,
+    study_pk: int | None = None,
+) -> bool:
+    """Queue a job that must exist once under ``dedup_key``; False if it already did.
+
+    Race-safe across workers and hosts (INSERT ... ON CONFLICT DO NOTHING on the unique key),
+    so two workers finishing the last jobs of a study at once still queue one report.
+    """
+    values = {
+        "kind": kind,
+        "dedup_key": dedup_key,
+        "study_pk": study_pk,
+        "params": params,
+        "state": JobState.QUEUED.value,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+        "not_before": now,
+    }
+    return insert_ignore(session.connection(), Job, values)
 
 
 def list_jobs(

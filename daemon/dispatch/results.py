@@ -27,8 +27,8 @@ from sqlalchemy.orm import Session
 
 from daemon.db.engine import Database
 from daemon.db.index import RESULT_SOP_CLASSES, InstanceHeader, produced_by_us, record_instance
-from daemon.db.index import _insert_ignore as insert_ignore  # the index's race-safe INSERT
 from daemon.db.models import Instance, OutputInstance
+from daemon.db.sql import insert_ignore
 from daemon.dispatch import outbox
 from daemon.errors import ConformanceError
 from daemon.receive.archive import Archive, atomic_write_bytes

@@ -147,3 +147,15 @@ def test_release_returns_job_without_counting(db: Database) -> None:
     queue.release(db, claimed, "w", T0)
     row = job(db, claimed.id)
     assert (row.state, row.attempts, row.lease_owner) == (JobState.QUEUED, 0, None)
+
+
+def test_enqueue_once_by_key(db: Database) -> None:
+    """Two finishers of a study's last jobs may both try to queue its report: one job results."""
+    with db.write() as session:
+        assert queue.enqueue_once(session, "report", "report:1:2:abc", T0, params={"v": 2})
+    with db.write() as session:
+        assert not queue.enqueue_once(session, "report", "report:1:2:abc", T0)
+        assert queue.enqueue_once(session, "report", "report:1:2:def", T0)
+    with db.read() as session:
+        keys = session.scalars(select(Job.dedup_key).order_by(Job.id)).all()
+    assert keys == ["report:1:2:abc", "report:1:2:def"]
