@@ -33,6 +33,7 @@ from pydantic_settings import (
 
 from daemon.aetitle import validate_ae_title
 from daemon.errors import ConfigError
+from daemon.worker.routing import AnalysisSettings
 
 AETitle = Annotated[str, AfterValidator(validate_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -411,6 +412,7 @@ class Settings(BaseSettings):
     dispatch: DispatchSettings = DispatchSettings()
     models: ModelsSettings = ModelsSettings()
     pipeline: PipelineSettings = PipelineSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -153,44 +153,65 @@ def _stop_check(ctx: WorkContext) -> StopCheck:
 
 
 def run_analyze(ctx: WorkContext, job: ClaimedJob) -> Outcome:
-    """Handler of ``analyze`` jobs (registered in :data:`daemon.worker.handlers.HANDLERS`)."""
+    """Handler of ``analyze`` jobs (registered in :data:`daemon.worker.handlers.HANDLERS`).
+
+    Routes the instance to its tasks; tasks with an active model version run in one pass over
+    the clean frames and each yields a finding and a heatmap; routed tasks without one leave
+    the job ``awaiting_model`` (their findings come when a version is activated and the job is
+    requeued; findings already made are kept and not redone).
+    """
     # Workers are processes, one per core (queue.workers): OpenCV's own thread pool would only
     # make them compete for the same cores.
     cv2.setNumThreads(1)
     target = instance_file(ctx.db, job)
-    tasks = active_tasks(ctx.db)
-    if tasks:
-        # Inference plugs in here (issue 4): a sink for analyze_instance, then its result.
-        raise JobFailed(
-            f"model versions are active for {', '.join(tasks)} but this worker has no "
-            "inference stage yet; the job is retried"
-        )
     path = ctx.archive.absolute(target.path)
-    try:
-        summary = analyze_instance(
-            path, clean_params(ctx.settings.pipeline), should_stop=_stop_check(ctx)
+    params = clean_params(ctx.settings.pipeline)
+    if not active_tasks(ctx.db):
+        summary = _clean_only(ctx, job, target, path, params)
+        return Outcome(
+            payload={"stages": summary.as_dict(), "awaiting": AWAITING_REASON},
+            state=JobState.AWAITING_MODEL,
         )
-    except Interrupted:
-        if ctx.stopping.is_set() and not ctx.lease_lost.is_set():
-            # Back in line, the attempt not counted; the worker's own fail() then finds the
-            # job no longer leased to it and changes nothing.
-            queue.release(ctx.db, job, ctx.worker, datetime.now(UTC))
-            log.info("analysis stopped for shutdown; job released", extra={"job": job.id})
-        raise
+    from daemon.worker.analysis import analyze_with_models
+
+    try:
+        return analyze_with_models(ctx, job, target, path, params, _stop_check(ctx))
+    except Interrupted as exc:
+        _release_if_stopping(ctx, job)
+        raise exc
+    except (DecodeError, NoStripConfigured) as exc:
+        raise JobFailed(f"{type(exc).__name__}: {exc}", permanent=True) from exc
+    except FileNotFoundError as exc:
+        raise JobFailed(f"archived file missing: {target.path}") from exc
+
+
+def _release_if_stopping(ctx: WorkContext, job: ClaimedJob) -> None:
+    if ctx.stopping.is_set() and not ctx.lease_lost.is_set():
+        queue.release(ctx.db, job, ctx.worker, datetime.now(UTC))
+        log.info("analysis stopped for shutdown; job released", extra={"job": job.id})
+
+
+def _clean_only(
+    ctx: WorkContext, job: ClaimedJob, target: InstanceFile, path: Path, params: CleanParams
+) -> InstanceSummary:
+    """No model is active for any task: decode and clean (so the stage report shows what the
+    models will get), conclude nothing."""
+    try:
+        summary = analyze_instance(path, params, should_stop=_stop_check(ctx))
+    except Interrupted as exc:
+        _release_if_stopping(ctx, job)
+        raise exc
     except (DecodeError, NoStripConfigured) as exc:
         # Both messages name the SOP Instance UID and the rule, never patient data.
         raise JobFailed(f"{type(exc).__name__}: {exc}", permanent=True) from exc
     except FileNotFoundError as exc:
         raise JobFailed(f"archived file missing: {target.path}") from exc
-    report = summary.as_dict()
     log.info(
         "instance cleaned",
         extra={
             "job": job.id,
             "frames": summary.frames,
-            "ms_per_frame": report["ms_per_frame"]["total"],
+            "ms_per_frame": summary.as_dict()["ms_per_frame"]["total"],
         },
     )
-    return Outcome(
-        payload={"stages": report, "awaiting": AWAITING_REASON}, state=JobState.AWAITING_MODEL
-    )
+    return summary

@@ -30,6 +30,9 @@ class WorkContext:
     worker: str
     lease_lost: threading.Event = field(default_factory=threading.Event)
     stopping: threading.Event = field(default_factory=threading.Event)
+    #: This process's :class:`daemon.models.cache.ModelCache`, made on first use (it loads
+    #: torch, which only analysing processes need).
+    model_cache: Any = None
 
 
 @dataclass(frozen=True)
@@ -81,5 +84,13 @@ def run_analyze(ctx: WorkContext, job: ClaimedJob) -> Outcome:
     return analyze(ctx, job)
 
 
+def run_report(ctx: WorkContext, job: ClaimedJob) -> Outcome:
+    """``report`` jobs (one SR per study and model version): see :mod:`daemon.worker.report`."""
+    from daemon.worker.report import run_report as report
+
+    return report(ctx, job)
+
+
+REPORT = "report"
 Handler = Callable[[WorkContext, ClaimedJob], Outcome]
-HANDLERS: dict[str, Handler] = {PROBE: run_probe, ANALYZE: run_analyze}
+HANDLERS: dict[str, Handler] = {PROBE: run_probe, ANALYZE: run_analyze, REPORT: run_report}

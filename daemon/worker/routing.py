@@ -92,9 +92,8 @@ class AnalysisSettings(_Section):
     #: How a cine's per-frame probabilities become the instance result.
     aggregate: Literal["mean", "max", "topk"] = "mean"
     top_k: int = Field(default=5, ge=1)
-    #: Frames per forward pass, and how long a batch waits for frames of other jobs.
+    #: Frames per forward pass.
     max_batch: int = Field(default=32, ge=1, le=1024)
-    max_wait_ms: float = Field(default=20, ge=0)
     #: Analyse every n-th frame of a cine (1: all frames).
     frame_stride: int = Field(default=1, ge=1)
 

@@ -30,12 +30,11 @@ def resolve_device(setting: str) -> torch.device:
 
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively (CUDA compute ≥ 8.0; CPU with AVX-512 BF16 or AMX)."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        return bool(probe()) if probe is not None else False
-    return False
+    # One detector for the whole code base (pipelines/infer/hardware.py): oneDNN's own probe
+    # also says yes on AVX-512 CPUs that only emulate bf16, where autocast is slower than fp32.
+    from pipelines.infer.hardware import device_has_bf16
+
+    return device_has_bf16(device)
 
 
 def resolve_bf16(setting: bool | str, device: torch.device) -> bool:

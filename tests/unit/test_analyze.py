@@ -14,14 +14,15 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.pixels import convert_color_space
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from daemon.config import Settings, load_settings
 from daemon.db import queue
 from daemon.db.engine import Database
 from daemon.db.index import InstanceHeader, record_instance
-from daemon.db.models import Job, JobState, ModelVersion, Study
+from daemon.db.models import Finding, Job, JobState, ModelVersion, Study
 from daemon.db.studies import ANALYZE, mark_stable
+from daemon.models.registry import ModelRegistryError
 from daemon.receive.archive import Archive
 from daemon.service import open_archive, open_database
 from daemon.worker.analyze import AWAITING_REASON, Interrupted, analyze_instance, clean_params
@@ -196,7 +197,9 @@ def test_analyze_job_awaits_a_model_with_the_stage_report(
     assert patient.name not in caplog.text and patient.patient_id not in caplog.text
 
 
-def test_an_active_model_without_inference_fails_the_job_clearly(ctx: WorkContext) -> None:
+def test_an_active_version_whose_file_is_missing_fails_closed(ctx: WorkContext) -> None:
+    """The registry names an active version but its weights are gone: the job fails with the
+    registry's reason and nothing is concluded (no finding from a model that did not load)."""
     _archive(ctx.db, ctx.archive, phantom_dataset([make_phantom(12, "head")]))
     with ctx.db.write() as session:
         session.add(
@@ -214,8 +217,10 @@ def test_an_active_model_without_inference_fails_the_job_clearly(ctx: WorkContex
                 created_at=NOW,
             )
         )
-    with pytest.raises(JobFailed, match="active for ventriculomegaly"):
+    with pytest.raises(ModelRegistryError, match="x.pt"):
         HANDLERS[ANALYZE](ctx, _claim(ctx))
+    with ctx.db.read() as session:
+        assert session.scalar(select(func.count()).select_from(Finding)) == 0
 
 
 def test_undecodable_instance_fails_without_patient_data(ctx: WorkContext) -> None:

@@ -1,0 +1,227 @@
+"""The model part of an ``analyze`` job: route, infer, explain, and keep the results.
+
+Compute happens outside any transaction (frames, forward passes, Eigen-CAM, heatmap files made
+durable in the archive); the job's completion then commits, together: the findings, the
+heatmaps' index rows and outbox entries, and — when this was the study's last analysis — one
+``report`` job per model version, which writes the study's SR (:mod:`daemon.worker.report`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from daemon.db import queue
+from daemon.db.models import Finding, Instance, Job, JobState, ModelVersion
+from daemon.db.queue import ClaimedJob
+from daemon.db.sql import insert_ignore
+from daemon.db.studies import ANALYZE
+from daemon.dispatch.dispatcher import destination_names
+from daemon.dispatch.results import ArchivedResult, record_result, write_result
+from daemon.models.cache import LoadedModel, ModelCache
+from daemon.worker.analyze import InstanceFile, StopCheck, analyze_instance
+from daemon.worker.handlers import REPORT, Outcome, WorkContext
+from daemon.worker.inference import (
+    TaskRun,
+    heatmap,
+    image_finding,
+    predictor_for,
+    source_image,
+)
+from daemon.worker.routing import decide
+from pipelines.clean import CleanFrame, CleanParams
+from pipelines.infer import InstanceResult
+from pipelines.tasks import list_tasks, register_task
+
+log = logging.getLogger(__name__)
+
+#: Job states after which an analysis will not change any more without an operator or a model.
+_SETTLED = (JobState.DONE, JobState.AWAITING_MODEL, JobState.DEAD, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    loaded: LoadedModel
+    result: InstanceResult
+    heatmap: ArchivedResult
+    created: datetime
+
+
+def model_cache(ctx: WorkContext) -> ModelCache:
+    if ctx.model_cache is None:
+        for spec in ctx.settings.analysis.tasks:
+            register_task(spec.to_spec())
+        ctx.model_cache = ModelCache.from_settings(ctx.db, ctx.settings)
+    cache: ModelCache = ctx.model_cache
+    return cache
+
+
+def _known_results(ctx: WorkContext, instance_pk: int, cache: ModelCache) -> dict[str, str]:
+    """Findings this instance already has from the versions now active (a requeued job)."""
+    with ctx.db.read() as session:
+        rows = session.execute(
+            select(Finding.task, Finding.class_name)
+            .join(ModelVersion, ModelVersion.id == Finding.model_version_pk)
+            .where(Finding.instance_pk == instance_pk, ModelVersion.active.is_(True))
+        ).all()
+    return {task: class_name for task, class_name in rows}
+
+
+def analyze_with_models(
+    ctx: WorkContext,
+    job: ClaimedJob,
+    target: InstanceFile,
+    path: Path,
+    params: CleanParams,
+    should_stop: StopCheck,
+) -> Outcome:
+    settings = ctx.settings.analysis
+    cache = model_cache(ctx)
+    header = dcmread(path, stop_before_pixels=True)
+    all_tasks = [t.name for t in list_tasks()]
+    results = _known_results(ctx, target.instance_pk, cache)
+    outcomes: list[TaskOutcome] = []
+    awaiting: list[str] = []
+    while True:
+        decision = decide(settings.routes, header, results, all_tasks)
+        runs: dict[str, TaskRun] = {}
+        for task in decision.run:
+            loaded = cache.get(task)
+            if loaded is None:
+                awaiting.append(task)
+                results[task] = ""  # decided: it waits for a model (and so do its dependants)
+            else:
+                runs[task] = TaskRun(loaded, predictor_for(loaded), settings.max_batch)
+        if not runs:
+            break
+        def feed(
+            frame: CleanFrame, runs: dict[str, TaskRun] = runs, stride: int = settings.frame_stride
+        ) -> None:
+            if frame.meta.frame_index % stride == 0:
+                for run in runs.values():
+                    run.add(frame)
+
+        analyze_instance(path, params, sink=feed, should_stop=should_stop)
+        for task, run in runs.items():
+            outcome = _conclude(ctx, run, str(path), settings)
+            outcomes.append(outcome)
+            results[task] = outcome.result.class_name
+    awaiting.extend(t for t in decision.deferred if t not in awaiting)
+    now = datetime.now(UTC)
+    payload: dict[str, Any] = {
+        "findings": {
+            o.loaded.task.name: {
+                "class": o.result.class_name,
+                "probability": round(o.result.probability, 4),
+                "frames": o.result.frames,
+                "model_version": o.loaded.ref.version,
+            }
+            for o in outcomes
+        },
+        "awaiting_model": sorted(set(awaiting)),
+    }
+    state = JobState.AWAITING_MODEL if awaiting else JobState.DONE
+    log.info(
+        "instance analysed",
+        extra={"job": job.id, "findings": len(outcomes), "awaiting": len(set(awaiting))},
+    )
+    return Outcome(
+        payload=payload,
+        state=state,
+        effect=_effect(ctx, job, target, outcomes, now),
+    )
+
+
+def _conclude(ctx: WorkContext, run: TaskRun, path: str, settings: Any) -> TaskOutcome:
+    result = run.result(settings.aggregate, settings.top_k)
+    source = source_image(path)
+    finding = image_finding(run.loaded, source, result)
+    created = datetime.now(UTC).replace(microsecond=0)
+    archived = write_result(ctx.archive, heatmap(run, finding, result, created))
+    return TaskOutcome(run.loaded, result, archived, created)
+
+
+def _effect(
+    ctx: WorkContext,
+    job: ClaimedJob,
+    target: InstanceFile,
+    outcomes: list[TaskOutcome],
+    now: datetime,
+) -> Callable[[Session], None]:
+    destinations = destination_names(ctx.settings)
+
+    def apply(session: Session) -> None:
+        study_pk = session.scalar(
+            select(Instance.study_pk).where(Instance.id == target.instance_pk)
+        )
+        for o in outcomes:
+            ref = o.loaded.ref
+            stored = record_result(
+                session,
+                o.heatmap,
+                destinations,
+                now,
+                key=f"sc:{ref.device_uid}:{o.heatmap.header.sop_instance_uid}",
+            )
+            insert_ignore(
+                session.connection(),
+                Finding,
+                {
+                    "instance_pk": target.instance_pk,
+                    "study_pk": study_pk,
+                    "model_version_pk": ref.id,
+                    "task": o.loaded.task.name,
+                    "class_name": o.result.class_name,
+                    "probability": o.result.probability,
+                    "probabilities": list(o.result.probabilities),
+                    "frames": o.result.frames,
+                    "best_frame": o.result.best_frame,
+                    "aggregation": o.result.method if o.result.frames > 1 else None,
+                    "heatmap_sop_instance_uid": stored.sop_instance_uid,
+                    "created_at": o.created,
+                },
+            )
+        if study_pk is not None:
+            queue_reports_if_settled(session, int(study_pk), now, finishing=job.id)
+
+    return apply
+
+
+def queue_reports_if_settled(
+    session: Session, study_pk: int, now: datetime, finishing: int | None = None
+) -> int:
+    """Queue one ``report`` job per model version with findings in the study, once no other
+    analysis of the study is still open; returns how many were newly queued.
+
+    The dedup key names the findings it covers, so a study re-opened by a late instance gets
+    a new SR covering it, and racing finishers queue each report once.
+    """
+    open_jobs = select(func.count()).where(
+        Job.study_pk == study_pk,
+        Job.kind == ANALYZE,
+        Job.state.not_in(_SETTLED),
+    )
+    if finishing is not None:
+        open_jobs = open_jobs.where(Job.id != finishing)
+    if session.scalar(open_jobs):
+        return 0
+    versions = session.execute(
+        select(Finding.model_version_pk, func.count(), func.max(Finding.id))
+        .where(Finding.study_pk == study_pk)
+        .group_by(Finding.model_version_pk)
+    ).all()
+    queued = 0
+    for version_pk, count, last in versions:
+        key = f"report:{study_pk}:{version_pk}:{count}:{last}"
+        params = {"study_pk": study_pk, "model_version_pk": int(version_pk)}
+        if queue.enqueue_once(session, REPORT, key, now, params=params, study_pk=study_pk):
+            queued += 1
+    return queued

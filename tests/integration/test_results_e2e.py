@@ -1,0 +1,125 @@
+"""From C-STORE to the PACS: dcmtk sends a phantom study to a daemon with worker processes and an
+active (synthetic) model; the heatmaps and the study's SR arrive in a running Orthanc, in the
+source study, and every object usfmd wrote passes dciodvfy and dsrdump.
+
+The model here is a tiny encoder with a fresh head: it proves the plumbing, not accuracy (that
+is tests/integration/test_train_demo.py). Like every phantom-trained model it is marked
+synthetic, and the SR says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
+from sqlalchemy import select
+
+from daemon.db.models import Finding, Instance, Job, JobState, OutboxItem, OutboxState
+from daemon.models.registry import activate, import_model
+from daemon.service import Daemon
+from pipelines.models import build_task_model, get_encoder_card
+from pipelines.models.modelfile import save_model_file
+from pipelines.phantom import make_cine, make_phantom
+from pipelines.phantom.dicom import write_phantom
+from pipelines.report.validate import dciodvfy, dsrdump
+
+from dispatch_peers import orthanc
+from helpers import dcmtk, run_peer, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def _tiny_model(path: Path) -> Path:
+    card = get_encoder_card("usf-mae-vit-b16")
+    model = build_task_model("heart_view", "usf-mae-vit-b16", overrides=dict(card.tiny_overrides))
+    save_model_file(path, model, synthetic=True)
+    return path
+
+
+def _study(directory: Path) -> list[Path]:
+    directory.mkdir()
+    files = {
+        "heart-raw.dcm": ([make_phantom(41, "heart")], ExplicitVRLittleEndian),
+        "heart-cine.dcm": (make_cine(41, 4, "heart"), JPEGBaseline8Bit),
+    }
+    for name, (frames, syntax) in files.items():
+        write_phantom(directory / name, frames, transfer_syntax=syntax)
+    return sorted(directory.iterdir())
+
+
+def test_phantom_study_results_arrive_in_orthanc(
+    tmp_path: Path, db_url: str, start_daemon: Callable[..., Daemon]
+) -> None:
+    with orthanc(tmp_path / "orthanc") as pacs:
+        daemon = start_daemon(
+            database={"url": db_url},
+            queue={"workers": 1, "poll_seconds": 0.1},
+            study={"stable_seconds": 1, "sweep_interval_seconds": 0.5},
+            models={"reload_seconds": 0.5},
+            # Only the task this model answers: unrouted, the other built-in tasks would leave
+            # the jobs awaiting their models.
+            analysis={"routes": [{"task": "heart_view", "match": {"Modality": "US"}}]},
+            dispatch={
+                "destinations": [
+                    {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                     "port": pacs.dicom_port}
+                ],
+                "poll_seconds": 0.1,
+            },
+        )
+        with daemon.db.write() as session:
+            version = import_model(
+                session,
+                _tiny_model(tmp_path / "tiny.pt"),
+                version="plumbing-1",
+                synthetic=True,
+                data_dir=daemon.settings.storage.data_dir,
+            )
+            session.flush()
+            activate(session, version.id, allow_synthetic=True)
+        files = _study(tmp_path / "study")
+        port = str(daemon.settings.dicom.port)
+        sent = run_peer([dcmtk("dcmsend"), "-aec", "USFMD", "127.0.0.1", port, *map(str, files)])
+        assert sent.returncode == 0, sent.stderr
+
+        def delivered() -> list[OutboxItem]:
+            with daemon.db.read() as session:
+                items = list(session.scalars(select(OutboxItem)))
+            return items if len(items) == 3 and all(
+                i.state == OutboxState.SENT for i in items) else []
+
+        wait_for(delivered, 240, "two heatmaps and one SR sent to Orthanc")
+        with daemon.db.read() as session:
+            findings = list(session.scalars(select(Finding)))
+            states = set(session.scalars(select(Job.state).where(Job.kind == "analyze")))
+            ours = {
+                row.sop_class_uid: row.path
+                for row in session.scalars(select(Instance).where(Instance.analysable.is_(False)))
+            }
+        assert len(findings) == 2 and states == {JobState.DONE}
+        assert {f.task for f in findings} == {"heart_view"}
+
+        source_study = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        studies = pacs.rest("GET", "/studies")
+        assert len(studies) == 1, "results must join the source study"
+        tags = pacs.rest("GET", f"/studies/{studies[0]}")["MainDicomTags"]
+        assert tags["StudyInstanceUID"] == source_study
+        held = {
+            pacs.rest("GET", f"/instances/{i}/simplified-tags")["SOPClassUID"]
+            for i in pacs.rest("GET", "/instances")
+        }
+        assert held == {SR_CLASS, SC_CLASS}
+
+    archive = daemon.archive
+    for path in ours.values():
+        verdict = dciodvfy(archive.absolute(path))
+        assert verdict.errors == (), verdict.errors
+    text, _ = dsrdump(archive.absolute(ours[SR_CLASS]))
+    assert "synthetic" in text.lower()
+    assert "First-trimester fetal heart view" in text and "Probability" in text
