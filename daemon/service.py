@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -13,7 +13,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from daemon.config import Settings
 from daemon.db import migrate
 from daemon.db.engine import Database
-from daemon.db.studies import sweep
+from daemon.db.studies import sweep, sweep_reports
 from daemon.dispatch.dispatcher import Dispatcher
 from daemon.receive.archive import Archive
 from daemon.receive.handlers import Receiver
@@ -71,6 +71,10 @@ class Daemon:
         )
         if studies:
             log.info("studies became stable", extra={"studies": studies, "jobs_queued": jobs})
+        with self.db.write() as session:
+            reports = sweep_reports(session, datetime.now(UTC), timedelta(hours=1))
+        if reports:
+            log.info("study reports queued by the sweep", extra={"reports": reports})
         stale = self.archive.discard_stale_incoming(self.stale_incoming_seconds)
         if stale:
             log.warning("discarded abandoned partial receives", extra={"files": stale})

@@ -15,9 +15,14 @@ from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from daemon.db.engine import Database
-from daemon.db.models import Instance, Job, JobState, Study, StudyState
+from daemon.db.models import Finding, Instance, Job, JobState, Study, StudyState
+from daemon.db.queue import enqueue_once
 
 ANALYZE = "analyze"
+#: One SR per study and model version (daemon/worker/report.py).
+REPORT = "report"
+#: Job states after which an analysis will not change any more without an operator or a model.
+_SETTLED = (JobState.DONE, JobState.AWAITING_MODEL, JobState.DEAD, JobState.CANCELLED)
 
 
 def stable_candidates(session: Session, now: datetime, shortest_wait: float) -> list[Study]:
@@ -115,3 +120,49 @@ def counts(session: Session) -> dict[str, dict[str, int]]:
         "instances": inst,
         "jobs": by(Job.state, Job),
     }
+
+
+def queue_reports_if_settled(
+    session: Session, study_pk: int, now: datetime, finishing: int | None = None
+) -> int:
+    """Queue one ``report`` job per model version with findings in the study, once no other
+    analysis of the study is still open; returns how many were newly queued.
+
+    The dedup key names the findings it covers, so a study re-opened by a late instance gets
+    a new SR covering it, and racing finishers queue each report once.
+    """
+    open_jobs = select(func.count()).where(
+        Job.study_pk == study_pk,
+        Job.kind == ANALYZE,
+        Job.state.not_in(_SETTLED),
+    )
+    if finishing is not None:
+        open_jobs = open_jobs.where(Job.id != finishing)
+    if session.scalar(open_jobs):
+        return 0
+    versions = session.execute(
+        select(Finding.model_version_pk, func.count(), func.max(Finding.id))
+        .where(Finding.study_pk == study_pk)
+        .group_by(Finding.model_version_pk)
+    ).all()
+    queued = 0
+    for version_pk, count, last in versions:
+        key = f"report:{study_pk}:{version_pk}:{count}:{last}"
+        params = {"study_pk": study_pk, "model_version_pk": int(version_pk)}
+        if enqueue_once(session, REPORT, key, now, params=params, study_pk=study_pk):
+            queued += 1
+    return queued
+
+
+def sweep_reports(session: Session, now: datetime, window: timedelta) -> int:
+    """Queue reports of studies whose last analysis settled without queueing them.
+
+    Two workers finishing a study's last two analyses at once may each see the other still
+    running; this pass (run with the stability sweep) catches that. Only studies with findings
+    from the last ``window`` are looked at, so the pass stays cheap on a large archive.
+    """
+    recent = select(Finding.study_pk).where(Finding.created_at >= now - window).distinct()
+    return sum(
+        queue_reports_if_settled(session, int(study_pk), now)
+        for study_pk in session.scalars(recent)
+    )

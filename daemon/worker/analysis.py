@@ -16,19 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon.db import queue
-from daemon.db.models import Finding, Instance, Job, JobState, ModelVersion
+from daemon.db.models import Finding, Instance, JobState, ModelVersion
 from daemon.db.queue import ClaimedJob
 from daemon.db.sql import insert_ignore
-from daemon.db.studies import ANALYZE
+from daemon.db.studies import queue_reports_if_settled
 from daemon.dispatch.dispatcher import destination_names
 from daemon.dispatch.results import ArchivedResult, record_result, write_result
 from daemon.models.cache import LoadedModel, ModelCache
 from daemon.worker.analyze import InstanceFile, StopCheck, analyze_instance
-from daemon.worker.handlers import REPORT, Outcome, WorkContext
+from daemon.worker.handlers import Outcome, WorkContext
 from daemon.worker.inference import (
     TaskRun,
     heatmap,
@@ -43,8 +42,6 @@ from pipelines.tasks import list_tasks, register_task
 
 log = logging.getLogger(__name__)
 
-#: Job states after which an analysis will not change any more without an operator or a model.
-_SETTLED = (JobState.DONE, JobState.AWAITING_MODEL, JobState.DEAD, JobState.CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -193,35 +190,3 @@ def _effect(
             queue_reports_if_settled(session, int(study_pk), now, finishing=job.id)
 
     return apply
-
-
-def queue_reports_if_settled(
-    session: Session, study_pk: int, now: datetime, finishing: int | None = None
-) -> int:
-    """Queue one ``report`` job per model version with findings in the study, once no other
-    analysis of the study is still open; returns how many were newly queued.
-
-    The dedup key names the findings it covers, so a study re-opened by a late instance gets
-    a new SR covering it, and racing finishers queue each report once.
-    """
-    open_jobs = select(func.count()).where(
-        Job.study_pk == study_pk,
-        Job.kind == ANALYZE,
-        Job.state.not_in(_SETTLED),
-    )
-    if finishing is not None:
-        open_jobs = open_jobs.where(Job.id != finishing)
-    if session.scalar(open_jobs):
-        return 0
-    versions = session.execute(
-        select(Finding.model_version_pk, func.count(), func.max(Finding.id))
-        .where(Finding.study_pk == study_pk)
-        .group_by(Finding.model_version_pk)
-    ).all()
-    queued = 0
-    for version_pk, count, last in versions:
-        key = f"report:{study_pk}:{version_pk}:{count}:{last}"
-        params = {"study_pk": study_pk, "model_version_pk": int(version_pk)}
-        if queue.enqueue_once(session, REPORT, key, now, params=params, study_pk=study_pk):
-            queued += 1
-    return queued

@@ -14,7 +14,7 @@ from daemon.config import Settings
 from daemon.db.engine import Database
 from daemon.db.models import JobState
 from daemon.db.queue import ClaimedJob
-from daemon.db.studies import ANALYZE
+from daemon.db.studies import ANALYZE, REPORT
 from daemon.receive.archive import Archive
 
 PROBE = "probe"
@@ -91,6 +91,5 @@ def run_report(ctx: WorkContext, job: ClaimedJob) -> Outcome:
     return report(ctx, job)
 
 
-REPORT = "report"
 Handler = Callable[[WorkContext, ClaimedJob], Outcome]
 HANDLERS: dict[str, Handler] = {PROBE: run_probe, ANALYZE: run_analyze, REPORT: run_report}

@@ -12,8 +12,18 @@ from sqlalchemy import func, select
 from daemon.db import migrate
 from daemon.db.engine import Database
 from daemon.db.index import InstanceHeader, record_instance
-from daemon.db.models import Instance, Job, JobState, Patient, Series, Study, StudyState
-from daemon.db.studies import counts, sweep
+from daemon.db.models import (
+    Finding,
+    Instance,
+    Job,
+    JobState,
+    ModelVersion,
+    Patient,
+    Series,
+    Study,
+    StudyState,
+)
+from daemon.db.studies import REPORT, counts, queue_reports_if_settled, sweep, sweep_reports
 from daemon.errors import ConformanceError
 
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -138,3 +148,55 @@ def test_header_refuses_invalid_uid() -> None:
     ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2", "1.2.3"
     with pytest.raises(ConformanceError, match="not a valid UID"):
         InstanceHeader.from_dataset(ds, "1.2.840.10008.1.2")
+
+
+def _finding(session: object, instance: Instance, version_pk: int) -> None:
+    session.add(  # type: ignore[attr-defined]
+        Finding(
+            instance_pk=instance.id,
+            study_pk=instance.study_pk,
+            model_version_pk=version_pk,
+            task="heart_view",
+            class_name="aorta",
+            probability=0.9,
+            probabilities=[0.9, 0.025, 0.025, 0.025, 0.025],
+            frames=1,
+            best_frame=0,
+            created_at=T0,
+        )
+    )
+
+
+def test_reports_are_queued_once_when_the_studys_analyses_settle(db: Database) -> None:
+    store(db, header("1.2.3.1.1"), T0)
+    store(db, header("1.2.3.1.2"), T0)
+    assert stable(db, T0 + timedelta(seconds=61)) == (1, 2)
+    with db.write() as session:
+        version = ModelVersion(
+            task="heart_view", version="1", algorithm_name="a", encoder="e",
+            preprocessing="usf-mae", classes=[], path="m.pt", sha256="0" * 64,
+            device_uid="2.25.99", synthetic=False, active=True, created_at=T0,
+        )  # fmt: skip
+        session.add(version)
+        session.flush()
+        first, second = session.scalars(select(Job).order_by(Job.id)).all()
+        instances = session.scalars(select(Instance).order_by(Instance.id)).all()
+        _finding(session, instances[0], version.id)
+        first.state = JobState.DONE
+        study_pk, version_pk = instances[0].study_pk, version.id
+    later = T0 + timedelta(minutes=2)
+    with db.write() as session:  # the second analysis is still open: no report yet
+        assert queue_reports_if_settled(session, study_pk, later) == 0
+        assert sweep_reports(session, later, timedelta(hours=1)) == 0
+    with db.write() as session:
+        job = session.get(Job, second.id)
+        assert job is not None
+        job.state = JobState.AWAITING_MODEL  # settled: waits for another task's model
+        _finding(session, session.get(Instance, instances[1].id), version_pk)  # type: ignore[arg-type]
+    with db.write() as session:  # the finisher and the sweep race: one report job
+        assert queue_reports_if_settled(session, study_pk, later) == 1
+        assert sweep_reports(session, later, timedelta(hours=1)) == 0
+    with db.read() as session:
+        reports = session.scalars(select(Job).where(Job.kind == REPORT)).all()
+        assert len(reports) == 1
+        assert reports[0].params == {"study_pk": study_pk, "model_version_pk": version_pk}
