@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from daemon.db.models import Job, JobState, ModelVersion, utcnow
 from daemon.db.studies import ANALYZE
 from daemon.errors import UsfmdError
+from daemon.receive.archive import fsync_path
 from pipelines.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -56,14 +57,6 @@ def models_dir(data_dir: Path) -> Path:
 def new_device_uid() -> str:
     """A UID of the UUID-derived form ``2.25.<uuid as integer>`` (PS3.5 §B.2), ≤ 44 characters."""
     return f"2.25.{uuid.uuid4().int}"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_hashed(source: Path, directory: Path) -> tuple[Path, str]:
@@ -177,7 +170,7 @@ def import_model(
         final = directory / f"{task}-{version}-{sha256[:12]}.pt"
         tmp.chmod(0o444)  # imported files are never rewritten
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_path(directory)
         row = ModelVersion(
             task=task,
             version=version,

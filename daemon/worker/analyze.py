@@ -15,7 +15,8 @@ the worker is stopping (give the job back to the queue, uncounted, and stop).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,46 +167,39 @@ def run_analyze(ctx: WorkContext, job: ClaimedJob) -> Outcome:
     target = instance_file(ctx.db, job)
     path = ctx.archive.absolute(target.path)
     params = clean_params(ctx.settings.pipeline)
-    if not active_tasks(ctx.db):
-        summary = _clean_only(ctx, job, target, path, params)
-        return Outcome(
-            payload={"stages": summary.as_dict(), "awaiting": AWAITING_REASON},
-            state=JobState.AWAITING_MODEL,
-        )
-    from daemon.worker.analysis import analyze_with_models
+    with _job_errors(ctx, job, target):
+        if not active_tasks(ctx.db):
+            summary = analyze_instance(path, params, should_stop=_stop_check(ctx))
+            _log_cleaned(job, summary)
+            return Outcome(
+                payload={"stages": summary.as_dict(), "awaiting": AWAITING_REASON},
+                state=JobState.AWAITING_MODEL,
+            )
+        from daemon.worker.analysis import analyze_with_models
 
-    try:
         return analyze_with_models(ctx, job, target, path, params, _stop_check(ctx))
-    except Interrupted as exc:
-        _release_if_stopping(ctx, job)
-        raise exc
-    except (DecodeError, NoStripConfigured) as exc:
-        raise JobFailed(f"{type(exc).__name__}: {exc}", permanent=True) from exc
-    except FileNotFoundError as exc:
-        raise JobFailed(f"archived file missing: {target.path}") from exc
 
 
-def _release_if_stopping(ctx: WorkContext, job: ClaimedJob) -> None:
-    if ctx.stopping.is_set() and not ctx.lease_lost.is_set():
-        queue.release(ctx.db, job, ctx.worker, datetime.now(UTC))
-        log.info("analysis stopped for shutdown; job released", extra={"job": job.id})
-
-
-def _clean_only(
-    ctx: WorkContext, job: ClaimedJob, target: InstanceFile, path: Path, params: CleanParams
-) -> InstanceSummary:
-    """No model is active for any task: decode and clean (so the stage report shows what the
-    models will get), conclude nothing."""
+@contextmanager
+def _job_errors(ctx: WorkContext, job: ClaimedJob, target: InstanceFile) -> Iterator[None]:
+    """What the stages raise, as the job's outcome: interrupted (released when the worker
+    stops), permanently failed (the archived bytes cannot be decoded or cleaned), or failed for
+    now (the archived file is missing)."""
     try:
-        summary = analyze_instance(path, params, should_stop=_stop_check(ctx))
-    except Interrupted as exc:
-        _release_if_stopping(ctx, job)
-        raise exc
+        yield
+    except Interrupted:
+        if ctx.stopping.is_set() and not ctx.lease_lost.is_set():
+            queue.release(ctx.db, job, ctx.worker, datetime.now(UTC))
+            log.info("analysis stopped for shutdown; job released", extra={"job": job.id})
+        raise
     except (DecodeError, NoStripConfigured) as exc:
         # Both messages name the SOP Instance UID and the rule, never patient data.
         raise JobFailed(f"{type(exc).__name__}: {exc}", permanent=True) from exc
     except FileNotFoundError as exc:
         raise JobFailed(f"archived file missing: {target.path}") from exc
+
+
+def _log_cleaned(job: ClaimedJob, summary: InstanceSummary) -> None:
     log.info(
         "instance cleaned",
         extra={
@@ -214,4 +208,3 @@ def _clean_only(
             "ms_per_frame": summary.as_dict()["ms_per_frame"]["total"],
         },
     )
-    return summary
