@@ -7,14 +7,9 @@ status, dcmtk's storescp, and Orthanc (DESIGN.md §7), all on 127.0.0.1.
 
 from __future__ import annotations
 
-import base64
-import json
-import shutil
 import socket
 import subprocess
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +25,7 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from helpers import PEER_ENV, dcmtk, free_port, wait_for
+from orthanc_peer import Orthanc, run_orthanc
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -230,86 +226,11 @@ def write_ct_only_profile(path: Path) -> tuple[str, str]:
 # -- Orthanc ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Orthanc:
-    dicom_port: int
-    http_port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def rest(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}",
-            method=method,
-            data=data,
-            headers={"Authorization": "Basic " + base64.b64encode(b"tester:secret").decode()},
-        )
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.loads(answer.read() or b"null")
-
-    def sop_instance_uids(self) -> list[str]:
-        """Every SOP Instance UID Orthanc holds (one entry per stored instance)."""
-        found = []
-        for orthanc_id in self.rest("GET", "/instances"):
-            tags = self.rest("GET", f"/instances/{orthanc_id}/simplified-tags")
-            found.append(tags["SOPInstanceUID"])
-        return found
-
-
 @contextmanager
 def orthanc(directory: Path, usfmd_port: int | None = None) -> Iterator[Orthanc]:
     """Orthanc 1.10 as the PACS (DESIGN.md §7); knows usfmd as modality ``usfmd``."""
-    binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-    if not Path(binary).exists():
-        raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
-    dicom_port, http_port = free_port(), free_port()
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "Name": "TestPACS",
-        "StorageDirectory": str(directory / "db"),
-        "IndexDirectory": str(directory / "db"),
-        "HttpServerEnabled": True,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {"tester": "secret"},
-        "DicomServerEnabled": True,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True,
-        "MaximumPduLength": 131072,
-        "DicomModalities": {
-            "usfmd": {"AET": "USFMD", "Host": "127.0.0.1", "Port": usfmd_port or 11112}
-        },
-    }
-    (directory / "orthanc.json").write_text(json.dumps(config))
-    log = directory / "orthanc.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [binary, str(directory / "orthanc.json")],
-            cwd=directory,
-            env=PEER_ENV,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    peer = Orthanc(dicom_port, http_port, process, log)
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"Orthanc exited: {log.read_text()[-2000:]}")
-        try:
-            return bool(peer.rest("GET", "/system"))
-        except (urllib.error.URLError, ConnectionError):
-            return False
-
-    try:
-        wait_for(ready, 15, "Orthanc's REST API")
+    with run_orthanc(directory, usfmd={"Port": usfmd_port or 11112}) as peer:
         yield peer
-    finally:
-        process.kill()
-        process.wait(timeout=10)
 
 
 # -- a throw-away PKI (openssl CLI), as tests/integration/test_security.py makes it ------------

@@ -25,7 +25,6 @@ idle ones included, sampled without pausing the process.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -35,9 +34,8 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
-from base64 import b64encode
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +45,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from helpers import free_port
+from orthanc_peer import run_orthanc
 
 pytestmark = pytest.mark.bench
 
@@ -262,42 +261,14 @@ def start_storescp(work: Path) -> Receiver:
 
 
 def start_orthanc(work: Path) -> Receiver:
-    port, http = free_port(), free_port()
-    root = work / "orthanc"
-    root.mkdir()
-    config = {
-        "Name": "BenchOrthanc",
-        "StorageDirectory": str(root / "db"),
-        "IndexDirectory": str(root / "db"),
-        "HttpServerEnabled": True,
-        "HttpPort": http,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {"bench": "bench"},
-        "DicomServerEnabled": True,
-        "DicomPort": port,
-        "DicomAet": "ORTHANC",
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True,
-        "MaximumPduLength": MAX_PDU,
-        "StableAge": 3600,  # no stable-study work during the run
-    }
-    (root / "orthanc.json").write_text(json.dumps(config))
-    proc = subprocess.Popen(
-        [ORTHANC, str(root / "orthanc.json")],
-        env=PEER_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_ready(proc, port, "ORTHANC", "Orthanc")
+    stack = ExitStack()
+    # No stable-study work during the run.
+    peer = stack.enter_context(run_orthanc(work / "orthanc", max_pdu=MAX_PDU, StableAge=3600))
 
     def count() -> int:
-        request = urllib.request.Request(f"http://127.0.0.1:{http}/statistics")
-        request.add_header("Authorization", "Basic " + b64encode(b"bench:bench").decode())
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(json.load(response)["CountInstances"])
+        return int(peer.rest("GET", "/statistics")["CountInstances"])
 
-    return Receiver("ORTHANC", port, count, lambda: _stop(proc))
+    return Receiver("ORTHANC", peer.dicom_port, count, stack.close)
 
 
 STARTERS: dict[str, Callable[[Path], Receiver]] = {

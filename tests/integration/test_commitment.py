@@ -8,14 +8,8 @@ a port (or ``commitment_report = "same"``), on the requesting association while 
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import shutil
-import subprocess
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +28,8 @@ from daemon.db.models import CommitmentRequest, CommitmentState
 from daemon.receive import status
 from daemon.receive.sop_classes import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 
-from helpers import PEER_ENV, dcmtk, free_port, run_peer, ultrasound_files, wait_for
+from helpers import dcmtk, free_port, run_peer, ultrasound_files, wait_for
+from orthanc_peer import Orthanc, run_orthanc
 
 pytestmark = pytest.mark.integration
 
@@ -384,88 +379,15 @@ def test_malformed_n_action_refused(start_daemon, action_type, information, expe
 # -- Orthanc as the requester -----------------------------------------------------------------
 
 
-@dataclass
-class Orthanc:
-    dicom_port: int
-    http_port: int
-    usfmd_port: int  # where its modality "usfmd" is expected to listen
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    def rest(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
-        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}",
-            method=method,
-            data=data,
-            headers={"Authorization": "Basic " + base64.b64encode(b"tester:secret").decode()},
-        )
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.loads(answer.read() or b"null")
-
-
 @pytest.fixture
 def orthanc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orthanc]:
     """Orthanc 1.10 (DESIGN.md §7) knowing usfmd as modality ``usfmd``; killed at teardown.
 
     Indirect parameters are merged into that modality's entry.
     """
-    binary = shutil.which("Orthanc")
-    if binary is None:
-        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
-    usfmd_port, dicom_port, http_port = free_port(), free_port(), free_port()
-    directory = tmp_path / "orthanc"
-    directory.mkdir()
-    config = {
-        "Name": "TestPACS",
-        "StorageDirectory": str(directory / "db"),
-        "IndexDirectory": str(directory / "db"),
-        "HttpServerEnabled": True,
-        "HttpPort": http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True,
-        "RegisteredUsers": {"tester": "secret"},
-        "DicomServerEnabled": True,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True,
-        "MaximumPduLength": 131072,
-        "DicomModalities": {
-            "usfmd": {
-                "AET": "USFMD",
-                "Host": "127.0.0.1",
-                "Port": usfmd_port,
-                **getattr(request, "param", {}),
-            }
-        },
-    }
-    (directory / "orthanc.json").write_text(json.dumps(config))
-    log = directory / "orthanc.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [binary, "--verbose", str(directory / "orthanc.json")],
-            cwd=directory,
-            env=PEER_ENV,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    peer = Orthanc(dicom_port, http_port, usfmd_port, log, process)
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"Orthanc exited: {log.read_text()[-2000:]}")
-        try:
-            return bool(peer.rest("GET", "/system"))
-        except (urllib.error.URLError, ConnectionError):
-            return False
-
-    try:
-        wait_for(ready, 15, "Orthanc's REST API")
+    modality = {"Port": free_port(), **getattr(request, "param", {})}
+    with run_orthanc(tmp_path / "orthanc", usfmd=modality, verbose=True) as peer:
         yield peer
-    finally:
-        process.kill()  # its storage is a temporary folder; a graceful stop takes ~3 s
-        process.wait(timeout=10)
 
 
 def test_orthanc_storage_commitment(start_daemon, orthanc, db_url, caplog):
