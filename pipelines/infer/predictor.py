@@ -1,0 +1,192 @@
+"""Per-frame class probabilities from a classification model, on the best device at hand.
+
+The model is any ``torch.nn.Module`` mapping ``(N, 3, S, S)`` float32 inputs (from
+:func:`pipelines.preprocess.preprocess_batch`) to ``(N, task.num_outputs)`` logits; the task's head
+(:class:`pipelines.tasks.TaskSpec`) says how logits become probabilities. Everything runs under
+``torch.inference_mode`` and, where the hardware multiplies bf16 natively, bf16 autocast
+(:mod:`pipelines.infer.hardware`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from pipelines.errors import PipelineError
+from pipelines.infer.hardware import BF16Switch, resolve_bf16, select_device
+from pipelines.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from pipelines.explain import CamResult, CamTarget
+
+logger = logging.getLogger(__name__)
+
+Probabilities = npt.NDArray[np.float32]
+
+
+class InferenceError(PipelineError, RuntimeError):
+    """The model produced something that is not a usable answer (wrong shape, NaN, ∞).
+
+    A ``RuntimeError``: the model, not the frame, is at fault; the job should fail, not be retried
+    with the same model.
+    """
+
+
+def probabilities(
+    logits: torch.Tensor | np.ndarray, head: Literal["softmax", "sigmoid"]
+) -> Probabilities:
+    """Logits to per-class probabilities, rows summing to 1.
+
+    Parameters
+    ----------
+    logits
+        ``(N, C)`` for a softmax head; ``(N, 1)`` or ``(N,)`` for a sigmoid head, whose single
+        logit is the probability of the *last* class (``TaskSpec`` convention): ``[1 - p, p]``.
+    head
+        The task's head.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, C)`` float32 (``C = 2`` for sigmoid), computed in float32 whatever the logits' dtype.
+
+    Raises
+    ------
+    InferenceError
+        Logits of the wrong shape for the head, or not finite.
+    """
+    values = torch.as_tensor(logits).detach().to(device="cpu", dtype=torch.float32)
+    if head == "sigmoid":
+        if values.ndim == 2 and values.shape[1] == 1:
+            values = values[:, 0]
+        if values.ndim != 1:
+            raise InferenceError(
+                f"sigmoid head: logits of shape {tuple(values.shape)}, expected (N, 1) or (N,)"
+            )
+    elif head == "softmax":
+        if values.ndim != 2 or values.shape[1] < 2:
+            raise InferenceError(
+                f"softmax head: logits of shape {tuple(values.shape)}, expected (N, C>=2)"
+            )
+    else:
+        raise ValueError(f"head={head!r}: expected 'softmax' or 'sigmoid'")
+    if not bool(torch.isfinite(values).all()):
+        raise InferenceError("the model returned non-finite logits (NaN or infinity)")
+    if head == "sigmoid":
+        p = torch.sigmoid(values)
+        out = torch.stack((1.0 - p, p), dim=1)
+    else:
+        out = torch.softmax(values, dim=1)
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+
+class Predictor:
+    """A model on a device, returning per-frame class probabilities for one task.
+
+    The predictor takes the module over: it is moved to the device and put in eval mode, not
+    copied. Forward passes are serialised by a lock: Eigen-CAM hooks the model's modules, and a
+    prediction running beside an explanation would otherwise feed the hook its activations.
+
+    Parameters
+    ----------
+    model
+        Inputs ``(N, 3, input_size, input_size)`` float32 → logits ``(N, task.num_outputs)``.
+    task
+        Classes and head (softmax / sigmoid) of the model's output.
+    device
+        ``None``: the first CUDA GPU when present, else CPU.
+    bf16
+        ``auto`` (default): bf16 autocast where the device multiplies bf16 natively (CUDA with
+        bf16, CPU with AVX-512 BF16 / AMX); ``on`` / ``off`` force it.
+    input_size
+        Side of the square input the model was trained on.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        task: TaskSpec,
+        *,
+        device: str | torch.device | None = None,
+        bf16: BF16Switch = "auto",
+        input_size: int = 224,
+    ) -> None:
+        if input_size < 1:
+            raise ValueError(f"input_size={input_size}: must be >= 1")
+        self.task = task
+        self.device = select_device(device)
+        self.bf16 = resolve_bf16(bf16, self.device)
+        self.input_size = input_size
+        self.model = model.to(self.device).eval()
+        self._lock = threading.Lock()
+        logger.info(
+            "predictor ready",
+            extra={"task": task.name, "device": str(self.device), "bf16_autocast": self.bf16},
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one frame's input, ``(3, S, S)``: what a batcher checks submissions against."""
+        return (3, self.input_size, self.input_size)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Inference mode plus this predictor's autocast, for anything else run on its model."""
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            yield
+
+    def _as_input(self, inputs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        batch = torch.as_tensor(inputs)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"inputs of shape {tuple(batch.shape)}: expected (N, *{self.input_shape})"
+            )
+        if batch.shape[0] < 1:
+            raise ValueError("inputs hold no frame")
+        if batch.dtype != torch.float32:
+            raise ValueError(f"inputs of dtype {batch.dtype}: expected float32 (preprocess output)")
+        return batch.to(self.device, non_blocking=True)
+
+    def logits(self, inputs: np.ndarray | torch.Tensor) -> npt.NDArray[np.float32]:
+        """Raw model outputs for ``(N, 3, S, S)`` float32 inputs, as float32 on the CPU."""
+        batch = self._as_input(inputs)
+        with self._lock, self.context():
+            out = self.model(batch)
+        if not isinstance(out, torch.Tensor):
+            raise InferenceError(f"the model returned {type(out).__name__}, expected a tensor")
+        expected = self.task.num_outputs
+        if out.ndim == 1 and expected == 1:
+            out = out[:, None]
+        if out.ndim != 2 or out.shape != (batch.shape[0], expected):
+            raise InferenceError(
+                f"task {self.task.name!r}: the model returned shape {tuple(out.shape)} for "
+                f"{batch.shape[0]} frames, expected ({batch.shape[0]}, {expected})"
+            )
+        return np.ascontiguousarray(out.float().cpu().numpy())
+
+    def predict(self, inputs: np.ndarray | torch.Tensor) -> Probabilities:
+        """Per-frame class probabilities ``(N, len(task.classes))``, in the task's class order."""
+        return probabilities(self.logits(inputs), self.task.head)
+
+    def explain(self, inputs: np.ndarray | torch.Tensor, target: CamTarget) -> CamResult:
+        """Eigen-CAM maps (and logits) for ``inputs``, with this predictor's device and precision.
+
+        ``target`` names a module of *this* model (e.g. ``timm_vit_target(predictor.model)``).
+        ``probabilities(result.logits, task.head)`` gives the frames' probabilities from the same
+        forward pass.
+        """
+        from pipelines.explain import eigen_cam  # grad-cam is only imported when explaining
+
+        batch = self._as_input(inputs)
+        with self._lock:
+            return eigen_cam(self.model, batch, target, bf16=self.bf16)
