@@ -50,12 +50,14 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from daemon.db.studies import counts
+    from daemon.dispatch import outbox
     from daemon.service import open_database
 
     db = open_database(_settings(args), upgrade=False)
     try:
         with db.read() as session:
             report = counts(session)
+            report["outbox"] = outbox.counts(session)
     finally:
         db.dispose()
     if args.json:
@@ -94,15 +96,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     count = args.processes if args.processes is not None else max(settings.queue.workers, 1)
+    if count == 0 and not args.dispatch:
+        raise UsfmdError("worker --processes 0 runs nothing; add --dispatch to only send results")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
+    dispatcher = None
+    if args.dispatch:
+        # Sending from worker hosts too: the per-destination limit is kept in the database.
+        from daemon.dispatch.dispatcher import Dispatcher
+        from daemon.service import open_archive, open_database
+
+        dispatcher = Dispatcher(settings, open_database(settings), open_archive(settings).root)
+        dispatcher.start()
     pool = WorkerPool(settings, count)
     pool.start()
     while not done.wait(1.0):
-        if not pool.alive():
+        if count and not pool.alive():
             break
     pool.stop()
+    if dispatcher is not None:
+        dispatcher.stop()
+        dispatcher.db.dispose()
     return 0
 
 
@@ -164,6 +179,194 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_outbox(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from daemon.db.models import OutboxState
+    from daemon.dispatch import outbox
+    from daemon.service import open_database
+
+    settings = _settings(args)
+    try:
+        states = [OutboxState(s) for s in args.state] if args.state else None
+    except ValueError as exc:
+        raise UsfmdError(f"{exc}; states: {[s.value for s in OutboxState]}") from None
+    if args.destination and settings.dispatch.destination(args.destination) is None:
+        known = [d.name for d in settings.dispatch.destinations]
+        print(f"note: {args.destination!r} is not configured (configured: {known})")
+    db = open_database(settings, upgrade=False)
+    now = datetime.now(UTC)
+    try:
+        if args.action == "list":
+            with db.read() as session:
+                items = outbox.list_items(session, states, args.destination, args.limit)
+                rows = [
+                    {
+                        "id": i.id,
+                        "destination": i.destination,
+                        "state": i.state.value,
+                        "attempts": i.attempts,
+                        "status": None if i.last_status is None else f"0x{i.last_status:04X}",
+                        "sop_instance_uid": i.sop_instance_uid,
+                        "updated": i.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
+                        "next_attempt": i.not_before.strftime("%Y-%m-%d %H:%M:%S"),
+                        "last_error": (i.last_error or "").splitlines()[0][:80]
+                        if i.last_error
+                        else "",
+                    }
+                    for i in items
+                ]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            else:
+                print(
+                    f"{'id':>6} {'destination':<16} {'state':<9} {'try':>3} {'status':<6}  "
+                    f"{'updated':<19}  last error"
+                )
+                for r in rows:
+                    print(
+                        f"{r['id']:>6} {r['destination']:<16} {r['state']:<9} {r['attempts']:>3} "
+                        f"{r['status'] or '-':<6}  {r['updated']:<19}  {r['last_error']}"
+                    )
+        elif args.action == "retry":
+            changed = outbox.retry(db, now, args.ids, args.destination, states)
+            print(f"retry: {changed} row(s) back in line")
+        elif args.action == "cancel":
+            changed = outbox.cancel(db, now, args.ids, args.destination)
+            print(f"cancel: {changed} row(s) cancelled")
+    finally:
+        db.dispose()
+    return 0
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    """``usfmd models train-demo``: a synthetic demo model from phantoms (no config, no DB)."""
+    from training.demo import DemoConfig, format_metrics, train_demo
+
+    if not args.out:
+        raise UsfmdError("models train-demo needs --out PATH for the model file")
+    given = {
+        "task": args.task,
+        "train": args.train,
+        "val": args.val,
+        "test": args.test,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
+    try:
+        config = DemoConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        raise UsfmdError(str(exc)) from None
+    print(
+        f"training a synthetic demo model for {config.task} on phantoms "
+        f"({config.train}/{config.val}/{config.test} train/val/test, {config.epochs} epochs)"
+    )
+    result = train_demo(
+        config,
+        args.out,
+        on_epoch=lambda e: print(
+            f"epoch {e.epoch + 1:>3}: train loss {e.train_loss:.4f}  val loss {e.val_loss:.4f}  "
+            f"val acc {e.val_accuracy:.4f}  ({e.seconds:.1f} s){'  *' if e.best else ''}",
+            flush=True,
+        ),
+    )
+    print(f"held-out test phantoms:\n{format_metrics(result.test)}")
+    print(
+        f"wrote {result.path} (sha256 {result.sha256[:16]}..., synthetic) "
+        f"in {result.seconds:.0f} s (phantoms {result.data_seconds:.0f} s, "
+        f"training {result.train_seconds:.0f} s)\n"
+        f"import it with: usfmd models import {result.path} --version demo-1 --synthetic "
+        f'--algorithm-name "{result.algorithm_name}"'
+    )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from daemon.models import registry
+    from daemon.service import open_database
+
+    if args.action == "train-demo":
+        return cmd_train_demo(args)
+    settings = _settings(args)
+    db = open_database(settings, upgrade=False)
+    try:
+        if args.action == "import":
+            if not args.target or not args.version:
+                raise UsfmdError("models import needs a model file and --version")
+            metrics = None
+            if args.metrics:
+                try:
+                    with open(args.metrics, encoding="utf-8") as handle:
+                        metrics = json.load(handle)
+                except (OSError, ValueError) as exc:
+                    raise UsfmdError(f"--metrics {args.metrics!r}: {exc}") from None
+                if not isinstance(metrics, dict):
+                    raise UsfmdError(f"--metrics {args.metrics!r} must hold a JSON object")
+            with db.write() as session:
+                row = registry.import_model(
+                    session,
+                    args.target,
+                    version=args.version,
+                    synthetic=args.synthetic,
+                    metrics=metrics,
+                    data_dir=settings.storage.data_dir,
+                    algorithm_name=args.algorithm_name,
+                )
+                done = (
+                    registry.activate(session, row.id, allow_synthetic=args.allow_synthetic)
+                    if args.activate
+                    else None
+                )
+                shown = registry.describe(row)
+            print(
+                f"imported {shown['task']}:{shown['version']} as id {shown['id']} "
+                f"(sha256 {shown['sha256'][:16]}..., Device UID {shown['device_uid']})"
+            )
+            if done is not None:
+                print(f"activated; {done.requeued} analyze job(s) requeued")
+        elif args.action == "list":
+            with db.read() as session:
+                rows = [registry.describe(r) for r in registry.list_versions(session, args.task)]
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return 0
+            print(
+                f"{'id':>4} {'task':<18} {'version':<16} {'act':<3} {'syn':<3} "
+                f"{'encoder':<18} created"
+            )
+            for r in rows:
+                print(
+                    f"{r['id']:>4} {r['task']:<18} {r['version']:<16} "
+                    f"{'*' if r['active'] else '':<3} {'yes' if r['synthetic'] else '':<3} "
+                    f"{r['encoder']:<18} {r['created_at'][:19]}"
+                )
+        elif args.action == "show":
+            if not args.target:
+                raise UsfmdError("models show needs an id or task:version")
+            with db.read() as session:
+                shown = registry.describe(registry.get_version(session, args.target))
+            if args.json:
+                print(json.dumps(shown, indent=2))
+                return 0
+            for key, value in shown.items():
+                text = json.dumps(value) if isinstance(value, dict | list) else value
+                print(f"{key:<15} {text}")
+        elif args.action == "activate":
+            if not args.target:
+                raise UsfmdError("models activate needs an id or task:version")
+            with db.write() as session:
+                done = registry.activate(session, args.target, allow_synthetic=args.allow_synthetic)
+            before = ", ".join(str(i) for i in done.previous) or "none"
+            print(
+                f"activated id {done.version_id} for {done.task} (previously active: {before}); "
+                f"{done.requeued} analyze job(s) requeued"
+            )
+    finally:
+        db.dispose()
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "show":
@@ -200,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run worker processes only (scale-out hosts)")
     worker.add_argument("--processes", type=int, help="default: queue.workers (at least 1)")
+    worker.add_argument(
+        "--dispatch", action="store_true", help="also send queued results (outbox) from here"
+    )
     worker.set_defaults(func=cmd_worker)
 
     jobs = sub.add_parser("jobs", help="inspect and act on queued work")
@@ -212,6 +418,43 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--seconds", type=float, default=0.0, help="probe: work time per job")
     jobs.add_argument("--fail-times", type=int, default=0, help="probe: failing first attempts")
     jobs.set_defaults(func=cmd_jobs)
+
+    box = sub.add_parser("outbox", help="results queued for the destinations (C-STORE)")
+    box.add_argument("action", choices=["list", "retry", "cancel"])
+    box.add_argument("ids", nargs="*", type=int, help="outbox row ids for retry/cancel")
+    box.add_argument("--destination", help="only this destination (retry/cancel: all its rows)")
+    box.add_argument(
+        "--state", action="append", help="filter by state (repeatable); retry of sent = re-send"
+    )
+    box.add_argument("--limit", type=int, default=50)
+    box.add_argument("--json", action="store_true")
+    box.set_defaults(func=cmd_outbox)
+
+    models = sub.add_parser("models", help="model registry: import, list, show, activate")
+    models.add_argument("action", choices=["import", "list", "show", "activate", "train-demo"])
+    models.add_argument(
+        "target", nargs="?", help="import: model file; show/activate: id or task:version"
+    )
+    models.add_argument("--version", help="import: version label, unique per task")
+    models.add_argument("--synthetic", action="store_true", help="import: trained on phantoms")
+    models.add_argument("--algorithm-name", help="import: TID 4019 Algorithm Name")
+    models.add_argument("--metrics", help="import: JSON file with evaluation metrics")
+    models.add_argument("--activate", action="store_true", help="import: activate it too")
+    models.add_argument(
+        "--allow-synthetic", action="store_true", help="activate a synthetic version anyway"
+    )
+    models.add_argument(
+        "--task", help="list: only this task; train-demo: heart_view (default) or ventriculomegaly"
+    )
+    models.add_argument("--json", action="store_true")
+    # train-demo: a tiny ViT trained on phantoms, marked synthetic (training/demo.py).
+    models.add_argument("--out", help="train-demo: where to write the model file")
+    for name, what in (("train", "training"), ("val", "validation"), ("test", "test")):
+        models.add_argument(f"--{name}", type=int, help=f"train-demo: {what} phantoms")
+    models.add_argument("--epochs", type=int, help="train-demo: epochs")
+    models.add_argument("--seed", type=int, help="train-demo: seed of phantoms and training")
+    models.add_argument("--threads", type=int, help="train-demo: CPU threads (default: torch's)")
+    models.set_defaults(func=cmd_models)
 
     config = sub.add_parser("config", help="validate or print the effective configuration")
     config.add_argument("action", choices=["check", "show"])
