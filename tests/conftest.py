@@ -96,3 +96,13 @@ def start_daemon(make_settings: SettingsFactory) -> Iterator[Callable[..., Daemo
     yield start
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The synthetic demo model (training/demo.py), trained once per test session (~2 min)."""
+    from training.demo import DemoConfig, train_demo
+
+    out = tmp_path_factory.mktemp("demo") / "heart_view-demo.pt"
+    return train_demo(DemoConfig(), out)
+
