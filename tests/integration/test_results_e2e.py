@@ -31,7 +31,7 @@ from training.demo import DEMO_COLOUR_FLOW_MIN_AREA, DemoConfig, DemoResult, dem
 from training.phantom_data import draw_phantom
 
 from dispatch_peers import orthanc
-from helpers import dcmtk, run_peer, wait_for
+from helpers import dcmtk, run_peer, ultrasound_files, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -90,32 +90,40 @@ def test_phantom_study_results_arrive_in_orthanc(
             session.flush()
             activate(session, version.id, allow_synthetic=True)
         files = _study(tmp_path / "study")
+        (real_cine,) = [p for p in ultrasound_files() if p.name == "color3d_jpeg_baseline.dcm"]
         port = str(daemon.settings.dicom.port)
-        sent = run_peer([dcmtk("dcmsend"), "-aec", "USFMD", "127.0.0.1", port, *map(str, files)])
+        sent = run_peer(
+            [dcmtk("dcmsend"), "-aec", "USFMD", "127.0.0.1", port, *map(str, [*files, real_cine])]
+        )
         assert sent.returncode == 0, sent.stderr
 
         def delivered() -> list[OutboxItem]:
             with daemon.db.read() as session:
                 items = list(session.scalars(select(OutboxItem)))
-            return items if len(items) == 3 and all(
+            return items if len(items) == 5 and all(
                 i.state == OutboxState.SENT for i in items) else []
 
-        wait_for(delivered, 240, "two heatmaps and one SR sent to Orthanc")
+        # Phantom study: two heatmaps and its SR; the real 120-frame cine: one heatmap, one SR.
+        wait_for(delivered, 240, "three heatmaps and two SRs sent to Orthanc")
         with daemon.db.read() as session:
             findings = list(session.scalars(select(Finding)))
             states = set(session.scalars(select(Job.state).where(Job.kind == "analyze")))
-            ours = {
-                row.sop_class_uid: row.path
+            ours = [
+                (row.sop_class_uid, row.path)
                 for row in session.scalars(select(Instance).where(Instance.analysable.is_(False)))
-            }
-        assert len(findings) == 2 and states == {JobState.DONE}
+            ]
+        assert len(findings) == 3 and states == {JobState.DONE}
         assert {f.task for f in findings} == {"heart_view"}
+        assert sorted(f.frames for f in findings) == [1, 4, 120]
 
-        source_study = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        source_studies = {
+            str(dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in [*files, real_cine]
+        }
         studies = pacs.rest("GET", "/studies")
-        assert len(studies) == 1, "results must join the source study"
-        tags = pacs.rest("GET", f"/studies/{studies[0]}")["MainDicomTags"]
-        assert tags["StudyInstanceUID"] == source_study
+        held_studies = {
+            pacs.rest("GET", f"/studies/{s}")["MainDicomTags"]["StudyInstanceUID"] for s in studies
+        }
+        assert held_studies == source_studies, "results must join their source studies"
         held = {
             pacs.rest("GET", f"/instances/{i}/simplified-tags")["SOPClassUID"]
             for i in pacs.rest("GET", "/instances")
@@ -123,12 +131,16 @@ def test_phantom_study_results_arrive_in_orthanc(
         assert held == {SR_CLASS, SC_CLASS}
 
     archive = daemon.archive
-    for path in ours.values():
+    assert len(ours) == 5
+    for _, path in ours:
         verdict = dciodvfy(archive.absolute(path))
         assert verdict.errors == (), verdict.errors
-    text, _ = dsrdump(archive.absolute(ours[SR_CLASS]))
-    assert "synthetic" in text.lower()
-    assert "First-trimester fetal heart view" in text and "Probability" in text
+    for sop_class, path in ours:
+        if sop_class == SR_CLASS:
+            (name,) = _text_values(dcmread(archive.absolute(path)), "111001")  # Algorithm Name
+            assert "synthetic" in name
+            text, _ = dsrdump(archive.absolute(path))  # (dsrdump cuts long TEXT values short)
+            assert "First-trimester fetal heart view" in text and "Probability" in text
 
 
 def test_demo_model_through_the_daemon_is_accurate_and_says_synthetic(
