@@ -89,6 +89,17 @@ def preferred_syntax(proposed: Sequence[str], supported: Collection[str]) -> str
     The first proposed syntax we support, so that data is "stored as sent": a sender offering
     ``[JPEG Lossless, Explicit VR Little Endian]`` holds JPEG Lossless and would otherwise have
     to decompress it (dcmsend does), and one offering ``[Explicit VR LE, JPEG Baseline]`` holds
-    uncompressed pixels and must not be asked to compress them lossily.
+    uncompressed pixels and must not be asked to compress them lossily. Among the uncompressed
+    syntaxes Explicit VR Little Endian is preferred whenever it is offered, as dcmtk's storescp
+    does: converting between them changes no pixel, and SCUs commonly list Implicit VR first
+    while holding Explicit VR files they will not convert.
     """
-    return next((syntax for syntax in proposed if syntax in supported), None)
+    choice = next((syntax for syntax in proposed if syntax in supported), None)
+    if choice in _UNCOMPRESSED and ExplicitVRLittleEndian in proposed:
+        return ExplicitVRLittleEndian
+    return choice
+
+
+_UNCOMPRESSED: Final = frozenset(
+    {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
+)

@@ -29,6 +29,9 @@ PRIVATE_SYNTAX = "1.2.826.0.1.3680043.99.1"
         ([ExplicitVRLittleEndian, JPEGBaseline8Bit], ExplicitVRLittleEndian),
         ([PRIVATE_SYNTAX, RLELossless, ImplicitVRLittleEndian], RLELossless),
         ([PRIVATE_SYNTAX], None),
+        # Uncompressed: Explicit VR LE whenever offered (no pixel changes; storescp does too).
+        ([ImplicitVRLittleEndian, ExplicitVRLittleEndian], ExplicitVRLittleEndian),
+        ([ImplicitVRLittleEndian, JPEGBaseline8Bit], ImplicitVRLittleEndian),
     ],
 )
 def test_preferred_syntax_follows_the_requester(proposed: list[str], expected: str | None) -> None:
