@@ -213,6 +213,9 @@ def start_usfmd(work: Path) -> Receiver:
         "USFMD_DICOM__PORT": str(port),
         "USFMD_DICOM__MAX_PDU": "0",
         "USFMD_LOGGING__LEVEL": "WARNING",
+        # Receive only: serve's analysis worker processes would spend their start-up (seconds of
+        # imports) on the same two cores during each short round; analysis has its own bench.
+        "USFMD_QUEUE__WORKERS": "0",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "daemon.cli", "serve"], env=env, stdout=subprocess.DEVNULL
