@@ -132,6 +132,16 @@ class Predictor:
         )
 
     @property
+    def preferred_batch(self) -> int:
+        """A good ``max_batch`` for a :class:`~pipelines.infer.batcher.Batcher` on this device.
+
+        CPU: 16. ViT-B/16 fp32 on two cores runs 7.8 frames/s at batch 8-16, 7.3 at 32 and 6.8
+        at 64 (activations fall out of cache; docs/benchmarks.md, Inference). CUDA: 64, where
+        small batches leave the GPU idle (not measured here: no GPU was lent).
+        """
+        return 64 if self.device.type == "cuda" else 16
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
         """Shape of one frame's input, ``(3, S, S)``: what a batcher checks submissions against."""
         return (3, self.input_size, self.input_size)

@@ -319,6 +319,7 @@ def test_batcher_validates_submissions_and_refuses_after_close() -> None:
 
 def test_predictor_behind_a_batcher_equals_direct_prediction() -> None:
     predictor = Predictor(_tiny_vit(HEART.num_outputs), HEART, device="cpu", bf16="off")
+    assert predictor.preferred_batch == 16
     jobs = [_inputs(n, seed=10 + n) for n in (3, 5, 2)]
     direct = [predictor.predict(x) for x in jobs]
     with Batcher(predictor.predict, item_shape=predictor.input_shape, max_batch=8) as batcher:
