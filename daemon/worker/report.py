@@ -4,7 +4,7 @@ Queued when a study's last analysis settles (see
 :func:`daemon.worker.analysis.queue_reports_if_settled`). The SR's UIDs and time stamps derive
 from the findings it covers, so running the job again rebuilds the identical object (and the
 outbox sends it once); a study re-opened by a late instance gets a new SR that covers the new
-findings too.
+findings too and names the SRs it supersedes in its Predecessor Documents Sequence.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import hashlib
 from datetime import UTC, datetime
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from daemon.db.models import Finding, Instance, ModelVersion
+from daemon.db.models import Finding, Instance, ModelVersion, OutputInstance
 from daemon.db.queue import ClaimedJob
 from daemon.dispatch.dispatcher import destination_names
 from daemon.dispatch.results import record_result, write_result
@@ -71,6 +72,7 @@ def run_report(ctx: WorkContext, job: ClaimedJob) -> Outcome:
         parameters={"encoder": version.encoder, "preprocessing": version.preprocessing},
         synthetic=version.synthetic,
     )
+    key = f"sr:{study_uid}:{version.device_uid}:{fingerprint}"
     sr = build_sr(
         findings,
         algorithm,
@@ -78,6 +80,7 @@ def run_report(ctx: WorkContext, job: ClaimedJob) -> Outcome:
         series_number=SR_SERIES_NUMBER,
         sop_instance_uid=derive_uid("sr", study_uid, version.device_uid, fingerprint),
         created=created,
+        predecessors=_predecessors(ctx, study_uid, version.device_uid, key),
     )
     archived = write_result(ctx.archive, sr)
     destinations = destination_names(ctx.settings)
@@ -89,7 +92,7 @@ def run_report(ctx: WorkContext, job: ClaimedJob) -> Outcome:
             archived,
             destinations,
             now,
-            key=f"sr:{study_uid}:{version.device_uid}:{fingerprint}",
+            key=key,
         )
 
     return Outcome(
@@ -100,3 +103,24 @@ def run_report(ctx: WorkContext, job: ClaimedJob) -> Outcome:
         },
         effect=effect,
     )
+
+
+def _predecessors(ctx: WorkContext, study_uid: str, device_uid: str, key: str) -> list[Dataset]:
+    """Headers of the SRs this model version wrote for this study before the one keyed ``key``.
+
+    "Before" is the order in which they were recorded, so a re-run of an earlier report job
+    rebuilds its SR with the same predecessors as the first time (and so the same bytes).
+    """
+    prefix = f"sr:{study_uid}:{device_uid}:"
+    with ctx.db.read() as session:
+        mine = session.scalar(select(OutputInstance.id).where(OutputInstance.result_key == key))
+        query = (
+            select(Instance.path)
+            .join(OutputInstance, OutputInstance.instance_pk == Instance.id)
+            .where(OutputInstance.result_key.startswith(prefix, autoescape=True))
+            .order_by(OutputInstance.id)
+        )
+        if mine is not None:
+            query = query.where(OutputInstance.id < mine)
+        paths = list(session.scalars(query))
+    return [dcmread(ctx.archive.absolute(p), stop_before_pixels=True) for p in paths]

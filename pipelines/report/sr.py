@@ -18,6 +18,7 @@ import logging
 from collections.abc import Sequence
 
 import highdicom as hd
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from pipelines.report.common import (
@@ -177,6 +178,7 @@ def build_sr(
     instance_number: int = 1,
     created: datetime.datetime | None = None,
     procedure_reported: Code = OBSTETRIC_US,
+    predecessors: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """One Comprehensive 3D SR holding every finding of one model version on one study.
 
@@ -194,11 +196,17 @@ def build_sr(
         Content, series and instance creation time; pass a stored one to rebuild identically.
     procedure_reported
         TID 1500 Procedure Reported (default: obstetric ultrasound scan).
+    predecessors
+        Earlier SRs of the same study and model version whose findings this one repeats (a
+        study re-opened by a late instance): listed in the Predecessor Documents Sequence, so a
+        PACS or reader knows this report supersedes them. Each needs its SOP Class, SOP
+        Instance, Series and Study Instance UIDs.
 
     Raises
     ------
     ValueError
-        When the findings span studies or tasks, repeat an image, or a UID is unusable.
+        When the findings span studies or tasks, repeat an image, a UID is unusable, or a
+        predecessor belongs to another study or is this SR itself.
     """
     _check_findings(findings)
     if not isinstance(algorithm, Algorithm):
@@ -214,6 +222,7 @@ def build_sr(
     )
     when = resolve_created(created)
     task = ordered[0].task
+    _check_predecessors(predecessors, headers[0].StudyInstanceUID, sop_instance_uid)
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -241,6 +250,7 @@ def build_sr(
         is_final=False,
         is_verified=False,
         contributing_equipment=[algorithm_equipment(algorithm, when)],
+        previous_versions=list(predecessors) or None,
         series_description=f"usfmd AI results: {task.name}"[:64],
         content_date=when.date(),
         content_time=when.time(),
@@ -262,6 +272,26 @@ def build_sr(
             "task": task.name,
             "findings": len(ordered),
             "device_uid": algorithm.device_uid,
+            "predecessors": len(predecessors),
         },
     )
     return sr
+
+
+def _check_predecessors(
+    predecessors: Sequence[Dataset], study_instance_uid: str, sop_instance_uid: str
+) -> None:
+    for pre in predecessors:
+        missing = [
+            k
+            for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+            if not pre.get(k)
+        ]
+        if missing:
+            raise ValueError(f"predecessor SR lacks {', '.join(missing)}")
+        if pre.StudyInstanceUID != study_instance_uid:
+            raise ValueError(
+                f"predecessor SR {pre.SOPInstanceUID} belongs to another study than the findings"
+            )
+        if pre.SOPInstanceUID == sop_instance_uid:
+            raise ValueError(f"SR {sop_instance_uid} cannot be its own predecessor")

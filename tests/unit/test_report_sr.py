@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -318,6 +319,55 @@ def test_rebuild_is_identical_and_versions_differ(
         [g.tracking_uid for g in _content(sr).get_image_measurement_groups()] for sr in (a, c)
     ]
     assert tracked[0] == tracked[1]
+
+
+@needs_dciodvfy
+def test_superseding_sr_lists_its_predecessors(
+    tmp_path: Path, still: Dataset, cine: Dataset, algorithm: Algorithm
+) -> None:
+    """A study re-opened by a late image gets a new SR that names the one it replaces."""
+    first = _vm(SourceImage.from_dataset(still), 0.93)
+    late = _vm(SourceImage.from_dataset(cine), 0.2, best_frame=1, aggregation="max")
+    study = first.source.study_instance_uid
+    earlier = _build([first], algorithm)
+    later = _build(
+        [first, late],
+        algorithm,
+        sop_instance_uid=derive_uid("sr", study, algorithm.device_uid, "2"),
+        predecessors=[earlier],
+    )
+    path = tmp_path / "later.dcm"
+    back = _write(later, path)
+    (study_item,) = back.PredecessorDocumentsSequence
+    assert study_item.StudyInstanceUID == study
+    (series_item,) = study_item.ReferencedSeriesSequence
+    assert series_item.SeriesInstanceUID == earlier.SeriesInstanceUID == back.SeriesInstanceUID
+    (ref,) = series_item.ReferencedSOPSequence
+    assert (ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID) == (
+        earlier.SOPClassUID,
+        earlier.SOPInstanceUID,
+    )
+    assert "PredecessorDocumentsSequence" not in earlier
+    _assert_valid(path)
+    text, _ = dsrdump(path)
+    assert re.search(r"Predecessor Docs\s*: 1\b", text), text[:600]
+
+    with pytest.raises(ValueError, match="its own predecessor"):
+        _build([first, late], algorithm, predecessors=[earlier])
+    elsewhere = Dataset()
+    elsewhere.update(
+        {
+            "SOPClassUID": earlier.SOPClassUID,
+            "SOPInstanceUID": "1.2.3.4",
+            "SeriesInstanceUID": "1.2.3",
+            "StudyInstanceUID": "1.2.9",
+        }
+    )
+    with pytest.raises(ValueError, match="another study"):
+        _build([first], algorithm, predecessors=[elsewhere])
+    del elsewhere.SeriesInstanceUID
+    with pytest.raises(ValueError, match="lacks SeriesInstanceUID"):
+        _build([first], algorithm, predecessors=[elsewhere])
 
 
 def test_derive_uid_is_deterministic_and_valid() -> None:
