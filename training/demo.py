@@ -219,7 +219,9 @@ def train_demo(
         "usfmd_version": _usfmd_version(),
     }
     target = Path(out)
-    digest = save_model_file(target, model, synthetic=True, metadata=metadata)
+    digest = save_model_file(
+        target, model, synthetic=True, metadata=metadata, inpaint=spec.clean.inpaint
+    )
     return DemoResult(
         path=target,
         sha256=digest,

@@ -22,6 +22,7 @@ from daemon.config import Settings
 from daemon.db.engine import Database
 from daemon.models.registry import ModelRegistryError, active_version, models_dir
 from pipelines.errors import ModelLoadError
+from pipelines.inpaint import InpaintParams
 from pipelines.models.modelfile import load_model_file, sha256_file
 from pipelines.models.registry import EncoderCard
 from pipelines.models.runtime import resolve_bf16, resolve_device
@@ -53,7 +54,8 @@ class VersionRef:
 class LoadedModel:
     """An active version, loaded and ready: the model (eval mode, LoRA merged) and its facts.
 
-    ``bf16`` says whether inference should autocast to bf16 on ``device``.
+    ``bf16`` says whether inference should autocast to bf16 on ``device``; ``inpaint`` is how
+    the model's training images were inpainted (``None``: not recorded, use the daemon's).
     """
 
     ref: VersionRef
@@ -62,6 +64,7 @@ class LoadedModel:
     preprocessing: PreprocessSpec
     device: torch.device
     bf16: bool
+    inpaint: InpaintParams | None = None
 
     @property
     def card(self) -> EncoderCard:
@@ -235,4 +238,5 @@ class ModelCache:
             preprocessing=info.preprocessing,
             device=self._device,
             bf16=self._bf16,
+            inpaint=info.inpaint,
         )

@@ -9,8 +9,8 @@ heatmaps' index rows and outbox entries, and — when this was the study's last 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from daemon.db.studies import queue_reports_if_settled
 from daemon.dispatch.dispatcher import destination_names
 from daemon.dispatch.results import ArchivedResult, record_result, write_result
 from daemon.models.cache import LoadedModel, ModelCache
-from daemon.worker.analyze import InstanceFile, StopCheck, analyze_instance
+from daemon.worker.analyze import FrameSink, InstanceFile, StopCheck, analyze_instance
 from daemon.worker.handlers import Outcome, WorkContext
 from daemon.worker.inference import (
     TaskRun,
@@ -38,10 +38,10 @@ from daemon.worker.inference import (
 from daemon.worker.routing import decide
 from pipelines.clean import CleanFrame, CleanParams
 from pipelines.infer import InstanceResult
+from pipelines.inpaint import InpaintParams
 from pipelines.tasks import list_tasks, register_task
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,32 @@ def _known_results(ctx: WorkContext, instance_pk: int, cache: ModelCache) -> dic
     return {task: class_name for task, class_name in rows}
 
 
+def clean_groups(
+    models: Mapping[str, LoadedModel], params: CleanParams
+) -> list[tuple[CleanParams, list[str]]]:
+    """The passes over an instance's frames: one per distinct cleaning its tasks' models need.
+
+    A model is fed frames inpainted as its training images were (the settings its file
+    records), else with the daemon's ``[pipeline.inpaint]``; tasks whose models agree share a
+    pass. The scrub is always the daemon's: removing burned-in PHI is not a model's choice.
+    """
+    groups: dict[InpaintParams, list[str]] = {}
+    for task, loaded in models.items():
+        groups.setdefault(loaded.inpaint or params.inpaint, []).append(task)
+    return [(replace(params, inpaint=inpaint), tasks) for inpaint, tasks in groups.items()]
+
+
+def _feeder(runs: list[TaskRun], stride: int) -> FrameSink:
+    """Hands every ``stride``-th clean frame to each of ``runs``."""
+
+    def feed(frame: CleanFrame) -> None:
+        if frame.meta.frame_index % stride == 0:
+            for run in runs:
+                run.add(frame)
+
+    return feed
+
+
 def analyze_with_models(
     ctx: WorkContext,
     job: ClaimedJob,
@@ -99,14 +125,10 @@ def analyze_with_models(
                 runs[task] = TaskRun(loaded, predictor_for(loaded), settings.max_batch)
         if not runs:
             break
-        def feed(
-            frame: CleanFrame, runs: dict[str, TaskRun] = runs, stride: int = settings.frame_stride
-        ) -> None:
-            if frame.meta.frame_index % stride == 0:
-                for run in runs.values():
-                    run.add(frame)
-
-        analyze_instance(path, params, sink=feed, should_stop=should_stop)
+        models = {task: run.loaded for task, run in runs.items()}
+        for clean, tasks in clean_groups(models, params):
+            feed = _feeder([runs[t] for t in tasks], settings.frame_stride)
+            analyze_instance(path, clean, sink=feed, should_stop=should_stop)
         for task, run in runs.items():
             outcome = _conclude(ctx, run, str(path), settings)
             outcomes.append(outcome)

@@ -2,14 +2,16 @@
 
 One torch file (a plain dict, read back with ``weights_only=True``) holding a format tag, the task
 and its class names, the encoder name and overrides, the head, the preprocessing spec (name and
-values), the LoRA settings if any, whether it was trained on synthetic data, free-form metadata
-and the complete state_dict. Loading checks every field against the registries and loads the
+values), the LoRA settings if any, the inpaint settings its training images were cleaned with
+(format 2), whether it was trained on synthetic data, free-form metadata and the complete
+state_dict. Loading checks every field against the registries and loads the
 weights strictly: a file either reproduces the trained model exactly or is refused — never a
 model with random weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,6 +25,7 @@ from typing import IO, Any, cast
 import torch
 
 from pipelines.errors import ModelLoadError
+from pipelines.inpaint import InpaintParams
 from pipelines.models.checkpoints import StateDict, load_state_strict
 from pipelines.models.heads import HeadSpec
 from pipelines.models.lora import LoraSettings
@@ -32,7 +35,9 @@ from pipelines.preprocess.spec import PreprocessSpec, get_spec
 from pipelines.tasks import TaskSpec, get_task
 
 FORMAT = "usfmd-model"
-FORMAT_VERSION = 1
+#: 2 added ``inpaint``; files of format 1 still load (their models follow the daemon's settings).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = frozenset({1, 2})
 _FIELDS = frozenset(
     {
         "format",
@@ -45,6 +50,7 @@ _FIELDS = frozenset(
         "head",
         "preprocessing",
         "lora",
+        "inpaint",
         "synthetic",
         "metadata",
         "state_dict",
@@ -66,6 +72,9 @@ class ModelFileInfo:
     synthetic: bool
     metadata: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: How the training images were inpainted; the daemon cleans this model's frames the same
+    #: way. ``None`` (format 1, or not recorded): the daemon's ``[pipeline.inpaint]``.
+    inpaint: InpaintParams | None = None
 
     def parameters(self) -> dict[str, Any]:
         """JSON record of the build, for the model version row's ``parameters``."""
@@ -75,6 +84,7 @@ class ModelFileInfo:
             "head": self.head.as_dict(),
             "lora": self.lora.as_dict() if self.lora else None,
             "preprocessing": self.preprocessing.as_dict(),
+            "inpaint": inpaint_record(self.inpaint),
             "metadata": self.metadata,
         }
 
@@ -101,6 +111,7 @@ def save_model_file(
     *,
     synthetic: bool = False,
     metadata: Mapping[str, Any] | None = None,
+    inpaint: InpaintParams | None = None,
 ) -> str:
     """Write ``model`` atomically (temporary file, fsync, ``os.replace``); return its sha256.
 
@@ -110,6 +121,10 @@ def save_model_file(
         Trained on synthetic phantoms: the registry will name and guard it as such.
     metadata
         Plain JSON data (training summary, metrics), stored with the model version.
+    inpaint
+        The inpaint settings the training images were cleaned with. Record them whenever they
+        may differ from the daemon's defaults: a model fed frames cleaned otherwise than in
+        training (e.g. colour flow masked that it learnt to read) can fall to chance.
     """
     if model.lora_merged:
         raise ModelLoadError("save the model before merge_lora(): the file keeps adapters apart")
@@ -124,6 +139,7 @@ def save_model_file(
         "head": model.head_spec.as_dict(),
         "preprocessing": model.preprocessing.as_dict(),
         "lora": model.lora.as_dict() if model.lora else None,
+        "inpaint": inpaint_record(inpaint),
         "synthetic": bool(synthetic),
         "metadata": _json_object(dict(metadata or {}), "metadata"),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -181,8 +197,9 @@ def parse_header(payload: Any) -> tuple[ModelFileInfo, StateDict]:
         tag = payload.get("format") if isinstance(payload, Mapping) else type(payload).__name__
         raise ModelLoadError(f"not a usfmd model file (format tag {tag!r}, expected {FORMAT!r})")
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelLoadError(f"model file format version {version!r}; this usfmd reads 1")
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, sorted(READABLE_VERSIONS)))
+        raise ModelLoadError(f"model file format version {version!r}; this usfmd reads {readable}")
     unknown = sorted(set(payload) - _FIELDS)
     if unknown:
         raise ModelLoadError(f"unknown fields {unknown} (written by a newer usfmd?)")
@@ -227,12 +244,39 @@ def parse_header(payload: Any) -> tuple[ModelFileInfo, StateDict]:
         lora=LoraSettings.from_dict(lora_record) if lora_record is not None else None,
         synthetic=bool(_field(payload, "synthetic", bool)),
         metadata=_json_object(payload.get("metadata") or {}, "metadata"),
-        format_version=FORMAT_VERSION,
+        format_version=int(version),
+        inpaint=parse_inpaint(payload.get("inpaint")),
     )
     state = _field(payload, "state_dict", dict)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise ModelLoadError("state_dict must map names to tensors")
     return info, state
+
+
+def inpaint_record(params: InpaintParams | None) -> dict[str, Any] | None:
+    """Every inpaint setting by name (all of them: defaults may change between releases)."""
+    return None if params is None else dataclasses.asdict(params)
+
+
+def parse_inpaint(record: Any) -> InpaintParams | None:
+    """The recorded inpaint settings. A setting this usfmd does not know is refused: it could
+    not clean frames as the model's training did. One it lacks (added later) keeps its default,
+    which new settings must give the behaviour of before."""
+    if record is None:
+        return None
+    if not isinstance(record, Mapping):
+        raise ModelLoadError(f"field 'inpaint' is {record!r}, expected a mapping or None")
+    known = {f.name for f in dataclasses.fields(InpaintParams)}
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise ModelLoadError(
+            f"inpaint settings {unknown} are unknown to this usfmd: it cannot clean frames the "
+            "way this model was trained"
+        )
+    try:
+        return InpaintParams(**dict(record))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"inpaint settings are invalid: {exc}") from None
 
 
 def _read(path: Path) -> Any:

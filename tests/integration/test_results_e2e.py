@@ -18,7 +18,15 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 from sqlalchemy import select
 
-from daemon.db.models import Finding, Instance, Job, JobState, OutboxItem, OutboxState
+from daemon.db.models import (
+    Finding,
+    Instance,
+    Job,
+    JobState,
+    OutboxItem,
+    OutboxState,
+    Study,
+)
 from daemon.models.registry import activate, import_model
 from daemon.service import Daemon
 from pipelines.models import build_task_model, get_encoder_card
@@ -27,7 +35,7 @@ from pipelines.phantom import make_cine, make_phantom
 from pipelines.phantom.dicom import write_phantom
 from pipelines.report.validate import dciodvfy, dsrdump
 from pipelines.tasks import get_task
-from training.demo import DEMO_COLOUR_FLOW_MIN_AREA, DemoConfig, DemoResult, demo_algorithm_name
+from training.demo import DemoConfig, DemoResult, demo_algorithm_name
 from training.phantom_data import draw_phantom
 
 from dispatch_peers import orthanc
@@ -73,8 +81,12 @@ def test_phantom_study_results_arrive_in_orthanc(
             analysis={"routes": [{"task": "heart_view", "match": {"Modality": "US"}}]},
             dispatch={
                 "destinations": [
-                    {"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                     "port": pacs.dicom_port}
+                    {
+                        "name": "pacs",
+                        "ae_title": "ORTHANC",
+                        "host": "127.0.0.1",
+                        "port": pacs.dicom_port,
+                    }
                 ],
                 "poll_seconds": 0.1,
             },
@@ -97,14 +109,13 @@ def test_phantom_study_results_arrive_in_orthanc(
         )
         assert sent.returncode == 0, sent.stderr
 
-        def delivered() -> list[OutboxItem]:
+        def delivered(count: int) -> bool:
             with daemon.db.read() as session:
                 items = list(session.scalars(select(OutboxItem)))
-            return items if len(items) == 5 and all(
-                i.state == OutboxState.SENT for i in items) else []
+            return len(items) == count and all(i.state == OutboxState.SENT for i in items)
 
         # Phantom study: two heatmaps and its SR; the real 120-frame cine: one heatmap, one SR.
-        wait_for(delivered, 240, "three heatmaps and two SRs sent to Orthanc")
+        wait_for(lambda: delivered(5), 240, "three heatmaps and two SRs sent to Orthanc")
         with daemon.db.read() as session:
             findings = list(session.scalars(select(Finding)))
             states = set(session.scalars(select(Job.state).where(Job.kind == "analyze")))
@@ -130,8 +141,47 @@ def test_phantom_study_results_arrive_in_orthanc(
         }
         assert held == {SR_CLASS, SC_CLASS}
 
+        # A late image re-opens the phantom study: its heatmap, then an SR covering all three
+        # findings that names the study's first SR as its predecessor.
+        first_srs = _srs(daemon)
+        late = dcmread(files[0])
+        late.SOPInstanceUID = late.file_meta.MediaStorageSOPInstanceUID = "2.25.4242"
+        late.InstanceNumber = 9
+        late.save_as(tmp_path / "late.dcm", enforce_file_format=True)
+        sent = run_peer(
+            [dcmtk("dcmsend"), "-aec", "USFMD", "127.0.0.1", port, str(tmp_path / "late.dcm")]
+        )
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: delivered(7), 240, "the late heatmap and the new SR sent")
+        (superseding,) = set(_srs(daemon)) - set(first_srs)
+        (replaced,) = [uid for uid, study in first_srs.items() if study == late.StudyInstanceUID]
+        with daemon.db.read() as session:
+            ours = [
+                (row.sop_class_uid, row.path)
+                for row in session.scalars(select(Instance).where(Instance.analysable.is_(False)))
+            ]
+            path = session.scalar(
+                select(Instance.path).where(Instance.sop_instance_uid == superseding)
+            )
+        new_sr = dcmread(daemon.archive.absolute(path))
+        (study_item,) = new_sr.PredecessorDocumentsSequence
+        (series_item,) = study_item.ReferencedSeriesSequence
+        assert [r.ReferencedSOPInstanceUID for r in series_item.ReferencedSOPSequence] == [replaced]
+        evidence = {
+            ref.ReferencedSOPInstanceUID
+            for study in new_sr.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence
+            for ref in series.ReferencedSOPSequence
+        }
+        assert len(evidence) == 3 and late.SOPInstanceUID in evidence
+        held_uids = {
+            pacs.rest("GET", f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+            for i in pacs.rest("GET", "/instances")
+        }
+        assert {superseding, replaced} <= held_uids
+
     archive = daemon.archive
-    assert len(ours) == 5
+    assert len(ours) == 7
     for _, path in ours:
         verdict = dciodvfy(archive.absolute(path))
         assert verdict.errors == (), verdict.errors
@@ -141,6 +191,17 @@ def test_phantom_study_results_arrive_in_orthanc(
             assert "synthetic" in name
             text, _ = dsrdump(archive.absolute(path))  # (dsrdump cuts long TEXT values short)
             assert "First-trimester fetal heart view" in text and "Probability" in text
+
+
+def _srs(daemon: Daemon) -> dict[str, str]:
+    """SOP Instance UID → Study Instance UID of every SR the daemon has made."""
+    with daemon.db.read() as session:
+        rows = session.execute(
+            select(Instance.sop_instance_uid, Study.study_instance_uid)
+            .join(Study, Study.id == Instance.study_pk)
+            .where(Instance.sop_class_uid == SR_CLASS)
+        ).all()
+    return {str(sop): str(study) for sop, study in rows}
 
 
 def test_demo_model_through_the_daemon_is_accurate_and_says_synthetic(
@@ -162,7 +223,8 @@ def test_demo_model_through_the_daemon_is_accurate_and_says_synthetic(
     daemon = start_daemon(
         queue={"workers": 2, "poll_seconds": 0.1},
         study={"stable_seconds": 1, "sweep_interval_seconds": 0.5},
-        pipeline={"inpaint": {"colour_flow_min_area": DEMO_COLOUR_FLOW_MIN_AREA}},
+        # The daemon's default inpaint masks all colour; the demo model reads colour flow and its
+        # file says so: its frames must be cleaned as it was trained, without this config.
         analysis={"routes": [{"task": config.task}]},
     )
     with daemon.db.write() as session:

@@ -25,7 +25,7 @@ from daemon.db.engine import Database
 from daemon.models import ModelRegistryError, activate, active_version, import_model
 from pipelines.models import load_model_file
 from pipelines.preprocess import USF_MAE
-from training.demo import DemoConfig, DemoResult, demo_algorithm_name
+from training.demo import DemoConfig, DemoResult, demo_algorithm_name, demo_clean_params
 from training.finetune import evaluate, torch_threads
 from training.phantom_data import build_split
 
@@ -77,6 +77,9 @@ def test_file_loads_marked_synthetic_and_predicts_as_measured(demo: DemoResult) 
     assert "synthetic" in meta["algorithm_name"] and "never" in meta["purpose"]
     assert meta["metrics"]["accuracy"] == demo.test["accuracy"]
     assert meta["data"]["clean"]["inpaint"]["colour_flow_min_area"] is not None
+    # What the daemon cleans this model's frames with: the demo's inpaint, colour flow kept.
+    assert info.inpaint == demo_clean_params().inpaint
+    assert info.inpaint is not None and info.inpaint.colour_flow_min_area == 100
     # The loaded file reproduces the test accuracy on the same held-out phantoms.
     spec = CONFIG.data_spec()
     test_split = build_split(spec, "test", info.preprocessing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from pipelines.errors import ModelLoadError
+from pipelines.inpaint import InpaintParams
 from pipelines.models import (
     FETALCLIP_LORA,
     FORMAT,
+    FORMAT_VERSION,
     HeadSpec,
     TaskModel,
     build_task_model,
@@ -117,7 +120,10 @@ def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
     ("change", "message"),
     [
         (_set("format", "something-else"), "not a usfmd model file"),
-        (_set("format_version", 2), "format version 2"),
+        (_set("format_version", 3), "format version 3; this usfmd reads 1, 2"),
+        (_set("inpaint", {"radius": 3, "sharpen": True}), "settings \\['sharpen'\\] are unknown"),
+        (_set("inpaint", {"radius": 0}), "inpaint settings are invalid"),
+        (_set("inpaint", [3]), "field 'inpaint' is \\[3\\]"),
         (_set("classes", ["ventriculomegaly", "normal"]), "names and order must be equal"),
         (_set("task", "no_such_task"), "unknown task 'no_such_task'"),
         (_set("num_outputs", 1), "with 1 outputs"),
@@ -150,6 +156,32 @@ def test_mismatching_files_are_refused(
     with pytest.raises(ModelLoadError, match=message) as info:
         load_model_file(bad)
     assert str(bad) in str(info.value)
+
+
+def test_inpaint_settings_travel_with_the_model(tmp_path: Path) -> None:
+    """What the training images were inpainted with comes back exactly; files of format 1
+    (before the field) still load and leave the cleaning to the daemon."""
+    trained = InpaintParams(colour_flow_min_area=100, contrast=30)
+    path = tmp_path / "m.pt"
+    save_model_file(path, _trained("ventriculomegaly"), inpaint=trained)
+    info = read_model_info(path)
+    assert info.inpaint == trained and info.format_version == FORMAT_VERSION == 2
+    assert info.parameters()["inpaint"]["colour_flow_min_area"] == 100
+
+    # A setting added after the file was written keeps its default.
+    payload = torch.load(path, weights_only=True)
+    del payload["inpaint"]["dot_min_extent"]
+    torch.save(payload, tmp_path / "older.pt")
+    older = read_model_info(tmp_path / "older.pt").inpaint
+    assert older == replace(trained, dot_min_extent=InpaintParams().dot_min_extent)
+
+    payload = torch.load(path, weights_only=True)
+    payload["format_version"] = 1
+    del payload["inpaint"]
+    torch.save(payload, tmp_path / "v1.pt")
+    v1 = load_model_file(tmp_path / "v1.pt").info
+    assert v1.inpaint is None and v1.format_version == 1
+    assert v1.parameters()["inpaint"] is None
 
 
 def test_unregistered_preprocessing_is_refused(tmp_path: Path) -> None:
