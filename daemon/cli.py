@@ -276,8 +276,8 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
         f"wrote {result.path} (sha256 {result.sha256[:16]}..., synthetic) "
         f"in {result.seconds:.0f} s (phantoms {result.data_seconds:.0f} s, "
         f"training {result.train_seconds:.0f} s)\n"
-        f"import it with: usfmd models import {result.path} --version demo-1 --synthetic "
-        f'--algorithm-name "{result.algorithm_name}"'
+        f"import it with: usfmd models import {result.path} --version demo-1 --synthetic\n"
+        f'(its Algorithm Name, from the file: "{result.algorithm_name}")'
     )
     return 0
 
@@ -362,6 +362,16 @@ def cmd_models(args: argparse.Namespace) -> int:
                 f"activated id {done.version_id} for {done.task} (previously active: {before}); "
                 f"{done.requeued} analyze job(s) requeued"
             )
+        elif args.action == "deactivate":
+            if not args.target:
+                raise UsfmdError("models deactivate needs an id or task:version")
+            with db.write() as session:
+                version_id = registry.deactivate(session, args.target)
+                task = registry.get_version(session, version_id).task
+            print(
+                f"deactivated id {version_id}: {task} has no active model; its analyses will "
+                "wait for one"
+            )
     finally:
         db.dispose()
     return 0
@@ -430,8 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     box.add_argument("--json", action="store_true")
     box.set_defaults(func=cmd_outbox)
 
-    models = sub.add_parser("models", help="model registry: import, list, show, activate")
-    models.add_argument("action", choices=["import", "list", "show", "activate", "train-demo"])
+    models = sub.add_parser(
+        "models", help="model registry: import, list, show, activate, deactivate"
+    )
+    models.add_argument(
+        "action", choices=["import", "list", "show", "activate", "deactivate", "train-demo"]
+    )
     models.add_argument(
         "target", nargs="?", help="import: model file; show/activate: id or task:version"
     )

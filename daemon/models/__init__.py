@@ -1,7 +1,7 @@
 """Model registry (DB rows + files by sha256) and the workers' hot-reloading model cache.
 
-The registry functions import without torch, so ``usfmd models list|show|activate`` start fast;
-:class:`~daemon.models.cache.ModelCache` (which needs torch) loads on first use of its names.
+The registry functions import without torch, so ``usfmd models list|show|activate|...`` start
+fast; :class:`~daemon.models.cache.ModelCache` (which needs torch) loads on first use of its names.
 """
 
 from typing import Any
@@ -11,6 +11,7 @@ from daemon.models.registry import (
     ModelRegistryError,
     activate,
     active_version,
+    deactivate,
     describe,
     get_version,
     import_model,
@@ -37,6 +38,7 @@ __all__ = [
     "ModelRegistryError",
     "VersionRef",
     "activate",
+    "deactivate",
     "active_version",
     "describe",
     "get_version",

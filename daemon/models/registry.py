@@ -77,9 +77,17 @@ def _copy_hashed(source: Path, directory: Path) -> tuple[Path, str]:
 
 
 def _algorithm_name(info: ModelFileInfo, given: str | None, synthetic: bool) -> str:
-    name = given.strip() if given else f"usfmd {info.task.name} {info.encoder}"
-    if synthetic and not given:
-        name += f" ({SYNTHETIC_WORD} demo)"
+    """The given name, else the one the file's metadata carries (training names its model),
+    else one made from task and encoder; checked either way."""
+    recorded = info.metadata.get("algorithm_name")
+    if given:
+        name = given.strip()
+    elif isinstance(recorded, str) and recorded.strip():
+        name = recorded.strip()
+    else:
+        name = f"usfmd {info.task.name} {info.encoder}"
+        if synthetic:
+            name += f" ({SYNTHETIC_WORD} demo)"
     if not name or len(name) > ALGORITHM_NAME_MAX:
         raise ModelRegistryError(
             f"algorithm name {name!r} must have 1 to {ALGORITHM_NAME_MAX} characters (TID 4019, LO)"
@@ -120,7 +128,8 @@ def import_model(
     data_dir
         ``storage.data_dir``; the file goes to ``<data_dir>/models/``.
     algorithm_name
-        TID 4019 Algorithm Name; must contain "synthetic" for synthetic versions.
+        TID 4019 Algorithm Name; must contain "synthetic" for synthetic versions. Default: the
+        file's ``metadata["algorithm_name"]``, else "usfmd <task> <encoder>".
 
     Raises
     ------
@@ -281,9 +290,13 @@ def activate(
             "activating it for real studies needs an explicit --allow-synthetic"
         )
     # Lock the task's rows (PostgreSQL; SQLite has one writer) so that two concurrent
-    # activations serialise and exactly one version ends up active.
+    # activations serialise and exactly one version ends up active. In id order: without it
+    # each transaction locks in heap order, which updates reshuffle, and two can deadlock.
     rows = session.scalars(
-        select(ModelVersion).where(ModelVersion.task == row.task).with_for_update()
+        select(ModelVersion)
+        .where(ModelVersion.task == row.task)
+        .order_by(ModelVersion.id)
+        .with_for_update()
     ).all()
     previous = tuple(r.id for r in rows if r.active and r.id != row.id)
     session.execute(
@@ -323,6 +336,25 @@ def activate(
     return Activation(row.id, row.task, previous, int(requeued))
 
 
+def deactivate(session: Session, ref: int | str, *, now: datetime | None = None) -> int:
+    """Take a version out of service: its task has no active model until one is activated.
+
+    Analyses that reach the task from now on wait ``awaiting_model``; findings and reports
+    already made stay. Workers notice within ``models.reload_seconds``. Returns the version's
+    id; deactivating an inactive version changes nothing.
+    """
+    now = now or utcnow()
+    row = get_version(session, ref)
+    if row.active:
+        row.active = False
+        parameters = dict(row.parameters or {})
+        parameters["deactivation"] = {"at": now.isoformat()}
+        row.parameters = parameters
+        session.flush()
+        log.info("model version deactivated", extra={"task": row.task, "model_id": row.id})
+    return row.id
+
+
 def describe(row: ModelVersion) -> dict[str, Any]:
     """A JSON-ready view of a version (``usfmd models show --json``)."""
     return {
@@ -350,6 +382,7 @@ __all__ = [
     "ModelRegistryError",
     "activate",
     "active_version",
+    "deactivate",
     "describe",
     "get_version",
     "import_model",

@@ -31,6 +31,10 @@ from daemon.models import (
     list_versions,
     models_dir,
 )
+from daemon.models.cache import LoadedModel
+from daemon.worker.analysis import clean_groups
+from pipelines.clean import CleanParams
+from pipelines.inpaint import InpaintParams
 from pipelines.models import (
     FETALCLIP_LORA,
     build_task_model,
@@ -38,6 +42,7 @@ from pipelines.models import (
     save_model_file,
     sha256_file,
 )
+from pipelines.scrub import ScrubParams
 
 from helpers import wait_for
 
@@ -169,6 +174,23 @@ def test_synthetic_versions_are_named_and_guarded(
         assert row.parameters["activation"]["synthetic_forced"] is True
 
 
+def test_algorithm_name_defaults_to_the_files_own(db: Database, tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    model = build_task_model("ventriculomegaly", "usf-mae-vit-b16", overrides=USF)
+    named = tmp_path / "named.pt"
+    save_model_file(named, model, synthetic=True, metadata={"algorithm_name": "VM synthetic 7"})
+    ident = _import(db, tmp_path, named, "a", synthetic=True)
+    with db.read() as session:
+        assert get_version(session, ident).algorithm_name == "VM synthetic 7"
+    overridden = _import(db, tmp_path, named, "b", synthetic=True, algorithm_name="synthetic B")
+    with db.read() as session:
+        assert get_version(session, overridden).algorithm_name == "synthetic B"
+    unsafe = tmp_path / "unsafe.pt"
+    save_model_file(unsafe, model, synthetic=True, metadata={"algorithm_name": "VM net"})
+    with pytest.raises(ModelRegistryError, match="'VM net' must contain 'synthetic'"):
+        _import(db, tmp_path, unsafe, "c", synthetic=True)
+
+
 def _job(db: Database, kind: str, state: JobState) -> int:
     with db.write() as session:
         job = enqueue(session, kind, T0)
@@ -260,6 +282,46 @@ def test_cache_loads_active_version_and_hot_reloads(
     assert second.ref.device_uid != first.ref.device_uid
     with torch.no_grad():
         assert not torch.equal(first.model(X), second.model(X))
+
+
+def test_each_model_gets_frames_cleaned_as_in_its_training(
+    db: Database, files: dict[str, Path], tmp_path: Path
+) -> None:
+    """The inpaint settings a file records reach the worker; models that agree share a pass,
+    a model recording none follows the daemon's settings, and the scrub stays the daemon's."""
+    torch.manual_seed(4)
+    heart = build_task_model("heart_view", "usf-mae-vit-b16", overrides=USF)
+    kept_flow = InpaintParams(colour_flow_min_area=100)
+    save_model_file(tmp_path / "heart.pt", heart, synthetic=True, inpaint=kept_flow)
+    vm_id = _import(db, tmp_path, files["vm1"], "1")
+    heart_id = _import(db, tmp_path, tmp_path / "heart.pt", "h1", synthetic=True)
+    with db.write() as session:
+        activate(session, vm_id)
+        activate(session, heart_id, allow_synthetic=True)
+    with db.read() as session:
+        shown = describe(get_version(session, heart_id))
+    assert shown["parameters"]["inpaint"]["colour_flow_min_area"] == 100
+    cache = ModelCache(db, models_dir(tmp_path), device="cpu")
+    models: dict[str, LoadedModel] = {}
+    for task in ("heart_view", "ventriculomegaly"):
+        loaded = cache.get(task)
+        assert loaded is not None
+        models[task] = loaded
+    assert models["heart_view"].inpaint == kept_flow
+    assert models["ventriculomegaly"].inpaint is None
+
+    strips = ScrubParams(strips={("ACME", "*"): 40})
+    daemon = CleanParams(scrub=strips, inpaint=InpaintParams(contrast=50), detect_band=False)
+    passes = clean_groups(models, daemon)
+    assert [(p.inpaint, tasks) for p, tasks in passes] == [
+        (kept_flow, ["heart_view"]),
+        (daemon.inpaint, ["ventriculomegaly"]),
+    ]
+    assert all(p.scrub is strips and p.detect_band is False for p, _ in passes)
+    same = CleanParams(scrub=strips, inpaint=kept_flow)
+    assert [tasks for _, tasks in clean_groups(models, same)] == [
+        ["heart_view", "ventriculomegaly"]
+    ]
 
 
 def test_cache_notices_activation_in_real_time(
@@ -365,6 +427,13 @@ def test_cli_models_commands(
     assert shown["sha256"] == sha256_file(files["vm1"])
     assert main(["models", "show", "1"]) == 0
     assert "device_uid      2.25." in capsys.readouterr().out
+    assert main(["models", "deactivate", "ventriculomegaly:1"]) == 0
+    assert "ventriculomegaly has no active model" in capsys.readouterr().out
+    assert main(["models", "show", "1", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert not shown["active"] and "deactivation" in shown["parameters"]
+    assert main(["models", "deactivate", "1"]) == 0  # already inactive: nothing changes
+    capsys.readouterr()
     assert main(["models", "show", "7"]) == 2
     assert "no model version '7'" in capsys.readouterr().err
     assert main(["models", "import", str(files["vm2"])]) == 2
