@@ -219,6 +219,11 @@ def find_instance(session: Session, sop_instance_uid: str) -> Instance | None:
     return session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_instance_uid))
 
 
+def indexed_path(conn: Connection, sop_instance_uid: str) -> str | None:
+    """The archive path recorded for ``sop_instance_uid``, or None if it is not indexed."""
+    return conn.scalar(select(Instance.path).where(Instance.sop_instance_uid == sop_instance_uid))
+
+
 def count_duplicate(session: Session, sop_instance_uid: str) -> None:
     session.execute(
         update(Instance)

@@ -29,18 +29,26 @@ Only the acceptor associations of our own server use these classes (see ``server
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import select
 import socket
 import ssl
 import threading
+import uuid
+from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import make_target
 
@@ -58,6 +66,9 @@ COPIED_FROM = ("3.0.",)
 UPSTREAM_SOURCE = {
     "DULServiceProvider.run_reactor": "e3a10eb3a0931e48",
     "Association._run_reactor": "f28838c5559e462a",
+    # Not copied, relied on: a C-STORE-RQ's data set goes to ``_data_set_file`` when one is set,
+    # and an empty last fragment completes the message (EventDUL._receive_pdv).
+    "DIMSEMessage.decode_msg": "f51c777e841a76be",
 }
 
 
@@ -66,13 +77,27 @@ def supported() -> bool:
 
 
 class FastSocket(AssociationSocket):
-    """Reads ``nr_bytes`` with ``recv_into`` straight into the result buffer."""
+    """Reads ``nr_bytes`` with ``recv_into`` straight into the result buffer; bytes handed back
+    with :meth:`unread` are returned first (so pynetdicom can re-read a PDU we only peeked at)."""
+
+    _unread: bytes = b""
+
+    def unread(self, data: bytes | bytearray) -> None:
+        self._unread = bytes(data) + self._unread
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._unread) or super().ready
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
         nr_read = 0
+        if self._unread:
+            nr_read = min(nr_bytes, len(self._unread))
+            view[:nr_read] = self._unread[:nr_read]
+            self._unread = self._unread[nr_read:]
         while nr_read < nr_bytes:
             count = sock.recv_into(view[nr_read:], nr_bytes - nr_read)
             if not count:  # connection closed: return what arrived, as pynetdicom does
@@ -83,15 +108,57 @@ class FastSocket(AssociationSocket):
         return buffer
 
 
+class DatasetFile:
+    """A C-STORE data set being written to ``path`` as its fragments arrive.
+
+    It stands where pynetdicom keeps its ``NamedTemporaryFile`` for a chunked receive
+    (``_data_set_file``): pynetdicom calls ``write``, ``file.flush``, ``close`` and ``name``.
+    Writes go straight to the file descriptor, from the received PDU's buffer, without copies.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.name = str(path)
+        # 0600 as tempfile's files: the archive holds patient data.
+        self._fd: int | None = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+        )
+
+    @property
+    def file(self) -> DatasetFile:
+        return self
+
+    def write(self, data: bytes | memoryview) -> int:
+        if not data:
+            return 0
+        if self._fd is None:
+            raise ValueError("write to a closed data set file")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        return len(data)
+
+    def flush(self) -> None:
+        """Nothing buffered here: every write went to the file descriptor."""
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
 class EventDUL(DULServiceProvider):
-    """DUL provider whose idle wait is ``select()`` on the peer socket and a wake-up pair."""
+    """DUL provider whose idle wait is ``select()`` on the peer socket and a wake-up pair, and
+    which writes C-STORE data sets straight from each P-DATA-TF PDU to a file in ``incoming``."""
 
     activity: threading.Event
+    incoming: Path | None
     _wake_r: socket.socket
     _wake_w: socket.socket
 
-    def _init_events(self, activity: threading.Event) -> None:
+    def _init_events(self, activity: threading.Event, incoming: Path | None = None) -> None:
         self.activity = activity
+        self.incoming = incoming
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -124,6 +191,102 @@ class EventDUL(DULServiceProvider):
             self.activity.set()  # the association notices at once that the DUL has gone
             self._wake_r.close()
             self._wake_w.close()
+            message = self.assoc.dimse.message  # a data set cut off by an abort
+            if message is not None and isinstance(message._data_set_file, DatasetFile):
+                message._data_set_file.close()  # the file stays for the stale-incoming sweep
+
+    # -- C-STORE data sets straight to a file ------------------------------------------------
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; a P-DATA-TF carrying a C-STORE data set is written to its file here.
+
+        pynetdicom would copy each 128 KiB PDU five times on its way to the file (PDU buffer,
+        ``bytes``, PDV slices, primitive, ``data[1:]``) and run its state machine and event
+        dispatch per PDU. Here the data fragments are written from the receive buffer. Anything
+        else, and any PDU we cannot vouch for, goes back to pynetdicom unread (see ``unread``),
+        which then decodes it exactly as before.
+        """
+        transport = self.socket
+        if (
+            self.incoming is None
+            or not isinstance(transport, FastSocket)
+            or self.state_machine.current_state != "Sta6"
+            or any(self.assoc.get_handlers(e) for e in _PER_PDU_EVENTS)
+        ):
+            super()._read_pdu_data()
+            return
+        try:
+            head = transport.recv(6)
+        except (OSError, TimeoutError) as exc:
+            self._connection_lost(exc)
+            return
+        if len(head) < 6 or head[0] != 0x04:  # not a whole P-DATA-TF header
+            transport.unread(head)
+            super()._read_pdu_data()
+            return
+        length = int.from_bytes(head[2:6], "big")
+        try:
+            body = transport.recv(length)
+        except (OSError, TimeoutError) as exc:
+            self._connection_lost(exc)
+            return
+        pdvs = _split_pdvs(body) if len(body) == length else None
+        if pdvs is None:  # short or malformed: pynetdicom reports it as it always has
+            transport.unread(head + body)
+            super()._read_pdu_data()
+            return
+        view = memoryview(body)
+        for start, end in pdvs:
+            self._receive_pdv(body[start], view[start + 1 : end])
+        if not self.assoc.dimse.msg_queue.empty():
+            self.activity.set()  # a message is complete: no state machine action here to do it
+
+    def _connection_lost(self, exc: BaseException) -> None:
+        """As pynetdicom's ``_read_pdu_data`` when a read fails: Evt17, transport closed."""
+        DUL_LOGGER.error("Connection closed before the entire PDU was received")
+        DUL_LOGGER.exception(exc)
+        self.event_queue.put("Evt17")
+
+    def _receive_pdv(self, context_id: int, pdv: memoryview) -> None:
+        """One PDV: control header byte, then the fragment (PS3.8 E.2)."""
+        dimse = self.assoc.dimse
+        message = dimse.message
+        control = pdv[0]
+        if not control & 1 and isinstance(message, C_STORE_RQ):
+            sink: Any = message._data_set_file
+            if sink is None:
+                sink = self._open_dataset_file(message)
+            if isinstance(sink, DatasetFile):
+                sink.write(pdv[1:])
+                if control & 2:  # last fragment: let pynetdicom complete the message
+                    sink.close()
+                    dimse.receive_primitive(_p_data(context_id, b"\x02"))
+                return
+        dimse.receive_primitive(_p_data(context_id, pdv.tobytes()))
+
+    def _open_dataset_file(self, message: DIMSEMessage) -> DatasetFile:
+        """Create the data set's file with the File Meta Information pynetdicom would write."""
+        command = message.command_set
+        context = self.assoc._accepted_cx[cast(int, message.context_id)]
+        sink = DatasetFile(cast(Path, self.incoming) / f"{uuid.uuid4().hex}.dcm")
+        try:
+            meta = DicomBytesIO()
+            meta.write(b"\x00" * 128 + b"DICM")
+            write_file_meta_info(
+                meta,
+                create_file_meta(
+                    sop_class_uid=command.AffectedSOPClassUID,
+                    sop_instance_uid=command.AffectedSOPInstanceUID,
+                    transfer_syntax=context.transfer_syntax[0],
+                ),
+            )
+            sink.write(meta.getvalue())
+        except BaseException:
+            sink.close()
+            sink.path.unlink(missing_ok=True)
+            raise
+        message._data_set_file = cast(Any, sink)
+        message._data_set_path = sink.path
+        return sink
 
     def _wait_idle(self) -> None:
         """Return when the socket is readable, a primitive was queued, or IDLE_WAIT passed."""
@@ -204,6 +367,34 @@ class EventDUL(DULServiceProvider):
             sleep = False
 
 
+#: Events pynetdicom triggers per received PDU; the direct path is taken only while no handler
+#: is bound to them (usfmd binds none; pynetdicom's logging ones are unbound in server.py).
+_PER_PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV, evt.EVT_FSM_TRANSITION)
+
+
+def _split_pdvs(body: bytearray) -> list[tuple[int, int]] | None:
+    """(start, end) of each PDV's context ID + control header + data in a P-DATA-TF body, or
+    None if the items do not tile the body exactly (PS3.8 9.3.5: 4-byte length, then >= 2)."""
+    pdvs: list[tuple[int, int]] = []
+    offset, size = 0, len(body)
+    while offset < size:
+        if offset + 4 > size:
+            return None
+        item_length = int.from_bytes(body[offset : offset + 4], "big")
+        start, end = offset + 4, offset + 4 + item_length
+        if item_length < 2 or end > size:
+            return None
+        pdvs.append((start, end))
+        offset = end
+    return pdvs or None
+
+
+def _p_data(context_id: int, pdv: bytes) -> P_DATA:
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[context_id, pdv]]  # type: ignore[list-item]
+    return primitive
+
+
 class EventAssociation(Association):
     """Acceptor association whose reactor waits for DUL activity instead of sleeping 1 ms."""
 
@@ -271,10 +462,13 @@ class EventAssociation(Association):
                 return
 
 
-def install(assoc: Association) -> Association:
+def install(assoc: Association, incoming: Path | None = None) -> Association:
     """Switch a freshly created, not yet started acceptor association to the event-driven loops.
 
-    A pynetdicom outside :data:`COPIED_FROM` keeps its own loops (correct, only slower).
+    With ``incoming``, C-STORE data sets are written to files there as they arrive
+    (``event.dataset_path``), whatever pynetdicom's ``STORE_RECV_CHUNKED_DATASET``; the caller
+    leaves that off so that pynetdicom itself creates no temporary file. A pynetdicom outside
+    :data:`COPIED_FROM` keeps its own loops (correct, only slower).
     """
     if not supported() or assoc.is_alive():
         return assoc
@@ -283,14 +477,16 @@ def install(assoc: Association) -> Association:
     cast(EventAssociation, assoc)._activity = activity
     dul = assoc.dul
     dul.__class__ = EventDUL
-    cast(EventDUL, dul)._init_events(activity)
-    if type(dul.socket) is AssociationSocket:
+    fast = type(dul.socket) is AssociationSocket
+    if fast:
         dul.socket.__class__ = FastSocket
+    cast(EventDUL, dul)._init_events(activity, incoming if fast else None)
     return assoc
 
 
 __all__ = [
     "COPIED_FROM",
+    "DatasetFile",
     "EventAssociation",
     "EventDUL",
     "FastSocket",

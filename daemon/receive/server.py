@@ -13,9 +13,16 @@ import socket
 import ssl
 import tempfile
 import threading
+from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import AE, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
@@ -112,11 +119,33 @@ class _RequestHandler(RequestHandler):
         acse = _PolicyACSE(assoc)
         acse.dicom = self.server.dicom
         assoc.acse = acse
-        return reactor.install(assoc)  # event-driven loops instead of 1 ms polling (see reactor)
+        _unbind_standard_logging(assoc)
+        # Event-driven loops instead of 1 ms polling, data sets written straight to the
+        # archive's incoming folder (see reactor).
+        return reactor.install(assoc, self.server.incoming)
+
+
+#: pynetdicom binds these to every association to log each PDU and DIMSE message at DEBUG/INFO;
+#: each call builds an Event and log text, per 128 KiB PDU, even when nothing is logged.
+_STANDARD_LOGGING = (
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+)
+
+
+def _unbind_standard_logging(assoc: Association) -> None:
+    """Drop pynetdicom's per-PDU logging handlers unless its logger would print them."""
+    if logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        return
+    for event, handler in _STANDARD_LOGGING:
+        assoc.unbind(event, handler)
 
 
 class _Server(ThreadedAssociationServer):
     dicom: DicomSettings
+    incoming: Path
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         client, address = cast(socket.socket, self.socket).accept()
@@ -156,10 +185,16 @@ class DicomServer:
     def __init__(self, dicom: DicomSettings, receiver: Receiver) -> None:
         from pynetdicom import _config
 
-        # Stream each dataset to a file instead of memory (large cines), written straight into
+        # Each data set is streamed to a file instead of memory (large cines), straight into
         # the archive's incoming folder so that archiving is a rename on the same file system.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(receiver.archive.incoming)
+        # The event-driven associations do it themselves (reactor.install); pynetdicom's own
+        # chunked receive is the fallback for a pynetdicom whose loops we have not checked, and
+        # it writes where tempfile says, for the whole process.
+        if reactor.supported():
+            _config.STORE_RECV_CHUNKED_DATASET = False
+        else:
+            _config.STORE_RECV_CHUNKED_DATASET = True
+            tempfile.tempdir = str(receiver.archive.incoming)
         self.dicom = dicom
         self.receiver = receiver
         self.ae = build_ae(dicom)
@@ -190,6 +225,7 @@ class DicomServer:
             ),
         )
         server.dicom = self.dicom
+        server.incoming = self.receiver.archive.incoming
         self.ae._servers.append(server)  # so that server.shutdown() can unregister it
         self._server = server
         self._thread = threading.Thread(

@@ -18,7 +18,9 @@ Only completeness is asserted (every file arrived at every receiver); speed goal
 goal usfmd >= 2x Orthanc and >= 75% of storescp; must usfmd >= Orthanc.
 
 Knobs (environment): USFMD_BENCH_FILES (default 320), USFMD_BENCH_ROUNDS (default 3),
-USFMD_BENCH_ONLY (comma list of usfmd,storescp,orthanc), USFMD_BENCH_PYSPY=out.json (speedscope)
+USFMD_BENCH_ONLY (comma list of usfmd,storescp,orthanc), USFMD_BENCH_BASELINE=<git revision> adds
+a receiver ``usfmd@rev``: the daemon/ and migrations/ of that revision (``git archive``) run the
+same way, for before/after in one run, USFMD_BENCH_PYSPY=out.json (speedscope)
 or out.txt (collapsed stacks) attaches py-spy to usfmd (``pip install py-spy``): every thread,
 idle ones included, sampled without pausing the process.
 """
@@ -56,6 +58,8 @@ N_FILES = int(os.environ.get("USFMD_BENCH_FILES", "320"))
 ROUNDS = int(os.environ.get("USFMD_BENCH_ROUNDS", "3"))
 ONLY = [s for s in os.environ.get("USFMD_BENCH_ONLY", "usfmd,storescp,orthanc").split(",") if s]
 PYSPY = os.environ.get("USFMD_BENCH_PYSPY")
+BASELINE = os.environ.get("USFMD_BENCH_BASELINE")
+REPO = Path(__file__).resolve().parents[2]
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
@@ -203,7 +207,8 @@ class Receiver:
     stop: Callable[[], None]
 
 
-def start_usfmd(work: Path) -> Receiver:
+def start_usfmd(work: Path, code: Path | None = None) -> Receiver:
+    """``usfmd serve`` from this checkout, or from ``code`` (a tree with daemon/, migrations/)."""
     port = free_port()
     data = work / "usfmd"
     env = {
@@ -217,8 +222,13 @@ def start_usfmd(work: Path) -> Receiver:
         # imports) on the same two cores during each short round; analysis has its own bench.
         "USFMD_QUEUE__WORKERS": "0",
     }
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "serve"], env=env, stdout=subprocess.DEVNULL
+        [sys.executable, "-m", "daemon.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        cwd=code or REPO,
     )
     _wait_ready(proc, port, "USFMD", "usfmd")
     spy = None
@@ -281,6 +291,22 @@ STARTERS: dict[str, Callable[[Path], Receiver]] = {
 }
 
 
+def _baseline_code(revision: str, into: Path) -> Path:
+    """Extract daemon/ and migrations/ of ``revision`` into ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, "daemon", "migrations"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+if BASELINE:
+    ONLY.append(f"usfmd@{BASELINE}")
+
+
 def send_all(corpus: Path, receiver: Receiver) -> float:
     """One storescu, one association, every file; return the wall time in seconds."""
     command = [
@@ -298,11 +324,15 @@ def send_all(corpus: Path, receiver: Receiver) -> float:
 
 
 def one_round(name: str, corpus: Path, work: Path) -> tuple[float, int]:
-    target = work / name
+    target = work / name.replace("@", "-")  # no "@": it would be %-encoded in the SQLite URL
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     os.sync()  # earlier rounds' dirty pages must not be written back during this one
-    receiver = STARTERS[name](target)
+    if name.startswith("usfmd@"):
+        code = _baseline_code(name.split("@", 1)[1], work / f"code-{target.name}")
+        receiver = start_usfmd(target, code)
+    else:
+        receiver = STARTERS[name](target)
     try:
         elapsed = send_all(corpus, receiver)
         arrived = receiver.count()
@@ -367,7 +397,8 @@ def test_ingest_throughput(corpus: Path, tmp_path: Path) -> None:
     mb = N_FILES * (ROWS * COLUMNS * 3) / 1e6
     print(f"\n== ingest, {N_FILES} files x 1.44 MB, median of {ROUNDS} rounds, storescu 1 assoc")
     for name, r in rate.items():
-        print(f"{name:<8} {r:7.1f} files/s  {r * mb / N_FILES:6.1f} MB/s")
+        rounds = " ".join(f"{N_FILES / t:.1f}" for t in times[name])
+        print(f"{name:<8} {r:7.1f} files/s  {r * mb / N_FILES:6.1f} MB/s  (rounds: {rounds})")
     if {"usfmd", "orthanc", "storescp"} <= rate.keys():
         vs_orthanc = rate["usfmd"] / rate["orthanc"]
         vs_storescp = rate["usfmd"] / rate["storescp"]
@@ -375,3 +406,7 @@ def test_ingest_throughput(corpus: Path, tmp_path: Path) -> None:
               f" must >= 1.00x: {_verdict(vs_orthanc >= 1)})")  # fmt: skip
         print(f"usfmd/storescp = {vs_storescp:.0%}    (goal >= 75%: "
               f"{_verdict(vs_storescp >= 0.75)})")  # fmt: skip
+    for name in rate:
+        if name.startswith("usfmd@") and "usfmd" in rate:
+            print(f"usfmd/{name} = {rate['usfmd'] / rate[name]:.2f}x (this checkout vs {name})")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,9 +15,12 @@ import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
+from sqlalchemy import select
 
+from daemon.db.models import Instance
 from daemon.receive import reactor
 
 from helpers import ultrasound_files, wait_for
@@ -30,6 +34,7 @@ def test_copied_loops_match_the_installed_pynetdicom():
     upstream = {
         "DULServiceProvider.run_reactor": DULServiceProvider.run_reactor,
         "Association._run_reactor": Association._run_reactor,
+        "DIMSEMessage.decode_msg": DIMSEMessage.decode_msg,
     }
     for name, function in upstream.items():
         digest = hashlib.sha256(inspect.getsource(function).encode()).hexdigest()[:16]
@@ -136,3 +141,47 @@ def test_install_leaves_unknown_pynetdicom_alone(monkeypatch):
     assoc = Association(AE(), "acceptor")
     assert reactor.install(assoc) is assoc
     assert type(assoc) is Association and type(assoc.dul) is DULServiceProvider
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b"\x00\x00\x00\x03\x01\x02x", [(4, 7)]),
+        (b"\x00\x00\x00\x02\x01\x02\x00\x00\x00\x03\x03\x00y", [(4, 6), (10, 13)]),
+        (b"\x00\x00\x00\x09\x01\x02x", None),  # item longer than the PDU
+        (b"\x00\x00\x00\x01\x01", None),  # no room for the control header
+        (b"\x00\x00\x00\x02\x01\x02\x00\x00", None),  # trailing bytes
+        (b"", None),
+    ],
+)
+def test_split_pdvs_accepts_only_exact_tilings(body: bytes, expected: object) -> None:
+    assert reactor._split_pdvs(bytearray(body)) == expected
+
+
+def test_small_pdus_are_written_straight_to_incoming(start_daemon):
+    """A data set in many P-DATA-TF PDUs arrives byte-exact, via the archive's incoming folder,
+    without pynetdicom's temporary files or a process-wide tempfile.tempdir."""
+    before = tempfile.tempdir
+    d = start_daemon(dicom={"max_pdu": 16384})  # ~90 PDUs for a 1.4 MB frame
+    path = next(
+        p for p in ultrasound_files() if dcmread(p, stop_before_pixels=True).SOPClassUID
+        == US_IMAGE_STORAGE
+    )  # fmt: skip
+    sent = dcmread(path)
+    ae = _scu()
+    ae.add_requested_context(US_IMAGE_STORAGE, str(sent.file_meta.TransferSyntaxUID))
+    assoc = ae.associate("127.0.0.1", d.server.port, ae_title="USFMD")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(Path(path)).Status == 0
+    finally:
+        assoc.release()
+    assert tempfile.tempdir == before
+    with d.db.read() as session:
+        stored = session.scalars(select(Instance.path)).one()
+    archived = dcmread(d.archive.absolute(stored))
+    assert archived.SOPInstanceUID == sent.SOPInstanceUID
+    assert archived.PixelData == sent.PixelData
+    assert archived.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+    assert d.archive.absolute(stored).stat().st_mode & 0o777 == 0o600
+    assert not list(d.archive.incoming.iterdir())
