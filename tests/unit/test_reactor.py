@@ -185,3 +185,22 @@ def test_small_pdus_are_written_straight_to_incoming(start_daemon):
     assert archived.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
     assert d.archive.absolute(stored).stat().st_mode & 0o777 == 0o600
     assert not list(d.archive.incoming.iterdir())
+
+
+def test_dataset_file_writes_everything_and_starts_write_back_early(tmp_path: Path) -> None:
+    """Fragments land byte-exact, 0600; on Linux write-back starts every WRITEBACK_BYTES (the
+    fsync before the response then finds most of the file on disk)."""
+    chunks = [bytes([i]) * 65_536 for i in range(41)]  # 2.56 MiB in 64 KiB fragments
+    sink = reactor.DatasetFile(tmp_path / "set.dcm")
+    for chunk in chunks:
+        assert sink.write(memoryview(chunk)) == len(chunk)
+    assert sink.write(b"") == 0
+    if reactor._start_writeback is not None:
+        # Issued each time WRITEBACK_BYTES more were written: 5 times, a 64 KiB tail left.
+        assert sink._flushed == 5 * reactor.DatasetFile.WRITEBACK_BYTES
+    sink.close()
+    sink.close()  # idempotent, as pynetdicom may close it again
+    assert (tmp_path / "set.dcm").read_bytes() == b"".join(chunks)
+    assert (tmp_path / "set.dcm").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(ValueError, match="closed"):
+        sink.write(b"x")
