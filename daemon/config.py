@@ -346,6 +346,11 @@ class InpaintSettings(_Section):
     close_kernel: int = Field(default=5, ge=1)
     #: Navier–Stokes inpainting radius (3 in the papers).
     radius: int = Field(default=3, ge=1, le=100)
+    #: Frames that went through lossy compression (JPEG): stroke runs and groups allow this
+    #: much brightness noise instead of one exact colour; 6 suits JPEG quality ≥ 95. None (the
+    #: behaviour before the setting, which model files without it were trained with): the
+    #: exact rules, which miss most white text and ticks on JPEG frames.
+    lossy_tolerance: int | None = Field(default=6, ge=0, le=255)
 
     @model_validator(mode="after")
     def _consistent(self) -> InpaintSettings:

@@ -153,7 +153,7 @@ class Cleaner:
                 scrubbed, meta, decision, self.params.scrub, in_place=True
             )
         scrubbed_at = time.perf_counter()
-        mask = annotation_mask(scrubbed, self.params.inpaint)
+        mask = annotation_mask(scrubbed, self.params.inpaint, lossy=meta.lossy)
         clean = fill_navier_stokes(scrubbed, mask, self.params.inpaint.radius, in_place=True)
         done = time.perf_counter()
         # The last step before pixels leave: fails closed on a frame that escaped its scrub.

@@ -11,6 +11,15 @@ For those, :func:`bright_mark_mask` looks for *thin*, *flat*, *straight* bright 
 scanner overlays are and tissue is not — and for chains of isolated dots (dotted caliper lines).
 Bone, wide and bright, is its own background and never passes.
 
+Frames that went through lossy compression (``lossy=True``, from the frame's transfer syntax or
+Lossy Image Compression flag) no longer draw a stroke in one exact colour: JPEG at quality 95
+spreads a 235-grey glyph over ~229–241 and 4:2:2 chroma subsampling halves the chroma of vertical
+strokes, so the exact-colour group rule loses every white read-out and depth tick (40–60 % of a
+phantom's marks). With ``InpaintParams.lossy_tolerance`` set, such frames' strokes are grouped by
+one *brightness* within that tolerance instead. Growing the mask over JPEG's ringing halo was
+tried and rejected: Navier–Stokes cannot rebuild speckle, so filling one more ring costs more
+(PSNR vs the clean phantom 23.9 → 21.6 dB there) than the halo it removes.
+
 Only masked pixels change: the output is the input everywhere outside the returned mask, bit for
 bit.
 
@@ -18,7 +27,9 @@ Speed (issue 3 asks ≥ 100 frames/s per core for decode + scrub + inpaint + pre
 conversion feeds both detectors (OpenCV's 8-bit V is max(R, G, B), the brightness the stroke
 detector needs); per-pixel rules run as uint8 OpenCV operations or on the few pixels they
 concern; the stroke detector's median background is tested exactly but only at bright pixels
-(:mod:`pipelines.inpaint.median`, ~20× cheaper than a whole-frame 9×9 median); and the fill works on
+(:mod:`pipelines.inpaint.median`, ~20× cheaper than a whole-frame 9×9 median); the run tests
+look at the stroke pixels only, and dotted lines are chained from the coordinates of the few
+isolated pixels (tens per frame) rather than by labelling the frame; and the fill works on
 crops around the mask (:mod:`pipelines.inpaint.fill`). The mask and the fill are bit-identical to
 computing every step on the whole frame (tested against that reference).
 """
@@ -79,6 +90,17 @@ class InpaintParams:
         closing (joins the pieces of a glyph so the fill sees one hole).
     radius
         Inpainting radius (``cv2.inpaint``, Navier–Stokes), 3 in the papers.
+    lossy_tolerance
+        On frames that went through lossy compression (``lossy=True``: a JPEG transfer syntax
+        or Lossy Image Compression "01"), a stroke's pixels are no longer one exact colour:
+        JPEG q95 spreads a 235-grey glyph over 229–241 and halves the chroma of vertical
+        strokes. Runs then allow neighbours this far apart (instead of ``run_tolerance``), and
+        a group's runs must share one *brightness* within ± this (at least
+        ``min_anchor_share`` of them), its strokes within ± this of it being the mark.
+        Default 6, which suits quality ≥ 95. ``None``: the exact rules also on lossy frames
+        (the behaviour before this setting, which model files that predate it keep: see
+        :func:`pipelines.models.modelfile.parse_inpaint`); on JPEG they lose most white text
+        and ticks.
     """
 
     saturation_k: float = 3.0
@@ -103,6 +125,7 @@ class InpaintParams:
     dilate_kernel: int = 3
     close_kernel: int = 5
     radius: int = 3
+    lossy_tolerance: int | None = 6
 
     def __post_init__(self) -> None:
         for name in (
@@ -134,6 +157,8 @@ class InpaintParams:
                 f"saturation_floor={self.saturation_floor}, ceiling={self.saturation_ceiling}: "
                 "expected 0 ≤ floor ≤ ceiling ≤ 255"
             )
+        if self.lossy_tolerance is not None and not 0 <= self.lossy_tolerance <= 255:
+            raise ValueError(f"lossy_tolerance={self.lossy_tolerance}: expected 0..255 or None")
         if self.colour_flow_min_area is not None and self.colour_flow_min_area < 1:
             raise ValueError(
                 f"colour_flow_min_area={self.colour_flow_min_area}: expected ≥ 1 or None"
@@ -220,7 +245,10 @@ def bright_mark_mask(frame: Frame, params: InpaintParams | None = None) -> Mask:
     return result
 
 
-def _bright(rgb: Frame, bright: Plane, params: InpaintParams) -> Plane:
+def _bright(rgb: Frame, bright: Plane, params: InpaintParams, lossy: bool = False) -> Plane:
+    # JPEG leaves no two pixels of a stroke exactly alike: lossy frames get tolerant runs and
+    # groups (see ``InpaintParams.lossy_tolerance``); ``None`` keeps the exact rules.
+    jpeg_tolerance = params.lossy_tolerance if lossy else None
     local = LocalMedian(bright, params.background_kernel)
     candidate = brighter_than_median(
         bright, params.bright_threshold, params.contrast, params.background_kernel, local
@@ -234,21 +262,40 @@ def _bright(rgb: Frame, bright: Plane, params: InpaintParams) -> Plane:
 
     # A run pixel equals its predecessor along the run and towers over what lies two steps
     # away across it — other strokes (a glyph's next bar) count as their background — so it is a
-    # one- or two-pixel line, not the flat edge of saturated bone.
-    flat_h = np.zeros(strokes.shape, bool)
-    flat_h[:, 1:] = cv2.absdiff(bright[:, 1:], bright[:, :-1]) <= params.run_tolerance
-    flat_v = np.zeros(strokes.shape, bool)
-    flat_v[1:, :] = cv2.absdiff(bright[1:, :], bright[:-1, :]) <= params.run_tolerance
+    # one- or two-pixel line, not the flat edge of saturated bone. Both are tested at the stroke
+    # pixels only (~0.5 % of the frame), not as whole-frame planes.
+    run_tolerance = params.run_tolerance if jpeg_tolerance is None else jpeg_tolerance
     on = strokes.view(bool)
+    where = np.flatnonzero(on)
+    ys, xs = np.divmod(where, bright.shape[1])
+    plane = bright.reshape(-1)
+    here = plane[where].astype(np.int16)
+    # Equal to the left / upper neighbour (indices wrapping at the edge are never used).
+    flat_h = (xs > 0) & (np.abs(here - plane[where - 1]) <= run_tolerance)
+    flat_v = (ys > 0) & (np.abs(here - plane[where - bright.shape[1]]) <= run_tolerance)
     n = params.run_length - 1  # flat_* marks a pixel equal to its predecessor
-    runs = _open(_towering(on & flat_h, on, local, params.contrast, axis=0), _rect(n, 1))
-    runs |= _open(_towering(on & flat_v, on, local, params.contrast, axis=1), _rect(1, n))
+    across_h = _towering_at(where[flat_h], on, local, params.contrast, axis=0)
+    across_v = _towering_at(where[flat_v], on, local, params.contrast, axis=1)
+    runs = _open(_scatter(across_h, bright.shape), _rect(n, 1))
+    runs |= _open(_scatter(across_v, bright.shape), _rect(1, n))
     if not cv2.countNonZero(runs):
         return dots
 
     grouped = _dilate(strokes, _rect(params.group_kernel, params.group_kernel))
     labels, stats = _anchored_groups(grouped, runs)
     marks = np.zeros(strokes.shape, np.uint8)
+    if jpeg_tolerance is not None:
+        # One brightness, not one colour: 4:2:2 subsampling halves the chroma of vertical
+        # strokes (a pale-yellow caliper's blue channel goes from 170 to ~215 on its upright).
+        share = params.min_anchor_share
+        for group, level in _group_levels(bright, labels, runs, jpeg_tolerance, share):
+            x, y, w, h = (int(v) for v in stats[group, :4])
+            window = (slice(y, y + h), slice(x, x + w))
+            near = cv2.inRange(
+                bright[window], max(level - jpeg_tolerance, 0), min(level + jpeg_tolerance, 255)
+            )
+            marks[window] |= (labels[window] == group) & (strokes[window] > 0) & (near > 0)
+        return marks | dots
     tolerance = params.colour_tolerance
     for group, mode in _group_colours(rgb, labels, runs, params.min_anchor_share):
         x, y, w, h = (int(v) for v in stats[group, :4])
@@ -270,9 +317,24 @@ def _towering(
     neighbour beyond the frame as the frame's edge pixel. Strokes stand ``contrast`` above their
     median, so a stroke neighbour no brighter than the pixel passes without counting its window.
     """
+    return _scatter(
+        _towering_at(np.flatnonzero(pixels), strokes, local, contrast, axis=axis), pixels.shape
+    )
+
+
+def _scatter(where: NDArray[np.intp], shape: tuple[int, ...]) -> Plane:
+    """A 0/1 plane with ones at the flat indices ``where``."""
+    out = np.zeros(shape[:2], np.uint8)
+    out.reshape(-1)[where] = 1
+    return out
+
+
+def _towering_at(
+    where: NDArray[np.intp], strokes: Mask, local: LocalMedian, contrast: int, *, axis: int
+) -> NDArray[np.intp]:
+    """:func:`_towering` of the pixels at the flat indices ``where``: those that pass."""
     bright = local.plane
     height, width = bright.shape
-    where = np.flatnonzero(pixels)
     ys, xs = np.divmod(where, width)
     level = bright.reshape(-1)[where].astype(np.int16) - contrast
     keep = np.ones(where.size, bool)
@@ -287,9 +349,8 @@ def _towering(
         hard = np.flatnonzero(keep & is_stroke & (value > level + contrast))
         if hard.size:
             keep[hard] = local.at_most(neighbour[hard], level[hard])
-    out = np.zeros(bright.shape, np.uint8)
-    out.reshape(-1)[where[keep]] = 1
-    return out
+    result: NDArray[np.intp] = where[keep]
+    return result
 
 
 def _anchored_groups(grouped: Plane, runs: Plane) -> tuple[NDArray[np.integer], NDArray[np.int32]]:
@@ -316,6 +377,33 @@ def _anchored_groups(grouped: Plane, runs: Plane) -> tuple[NDArray[np.integer], 
         stats.append(np.array([*rect, area], np.int32))
         seeds = seeds[flat[seeds] == 1]  # run pixels of groups not labelled yet
     return labels, np.stack(stats)
+
+
+def _group_levels(
+    bright: Plane, labels: NDArray[np.integer], runs: Plane, tolerance: int, min_share: float
+) -> list[tuple[int, int]]:
+    """Groups whose run pixels mostly lie within ``tolerance`` of one brightness, with it.
+
+    The lossy frames' counterpart of :func:`_group_colours`: per group, the brightness whose
+    ±``tolerance`` window holds most run pixels (the lowest among equals), kept when that window
+    holds at least ``min_share`` of them.
+    """
+    anchors = np.flatnonzero(runs.view(bool))
+    groups = labels.reshape(-1)[anchors].astype(np.int64)
+    present, index = np.unique(groups, return_inverse=True)
+    levels = bright.reshape(-1)[anchors].astype(np.int64)
+    histogram = np.bincount(index * 256 + levels, minlength=present.size * 256).reshape(-1, 256)
+    padded = np.zeros((present.size, 256 + 2 * tolerance), np.int64)
+    padded[:, tolerance : tolerance + 256] = histogram
+    cumulative = np.zeros((present.size, 257 + 2 * tolerance), np.int64)
+    cumulative[:, 1:] = np.cumsum(padded, axis=1)
+    # window[:, c] = run pixels of brightness c - tolerance .. c + tolerance
+    window = cumulative[:, 2 * tolerance + 1 :] - cumulative[:, :256]
+    best = np.argmax(window, axis=1)
+    share = window[np.arange(present.size), best]
+    totals = histogram.sum(axis=1)
+    keep = share >= min_share * totals
+    return [(int(g), int(b)) for g, b in zip(present[keep], best[keep], strict=True)]
 
 
 def _group_colours(
@@ -364,8 +452,9 @@ def _dot_chains(bright: Plane, params: InpaintParams, *, by_components: bool = F
 
     A dot is at most ``dot_max_pixels`` pixels, brighter by ``contrast`` than every pixel two
     steps away — speckle next to bone or bright tissue never is, and lone bright grains in soft
-    tissue seldom come in chains. ``by_components`` takes the general route (label the isolated
-    pixels) even where the shortcut below gives the same answer; the tests compare the two.
+    tissue seldom come in chains. ``by_components`` takes the general route (label the frame)
+    even where the shortcut (:func:`_pairwise_dot_chains`) gives the same answer; the tests
+    compare the two.
     """
     ring = np.ones((5, 5), np.uint8)
     ring[1:4, 1:4] = 0
@@ -375,27 +464,20 @@ def _dot_chains(bright: Plane, params: InpaintParams, *, by_components: bool = F
     ).view(np.uint8)
     if not cv2.countNonZero(isolated):
         return np.zeros(bright.shape, np.uint8)
-    k = params.dot_chain_kernel
     if params.dot_max_pixels >= 4 and not by_components:
-        # Two isolated pixels two steps apart would each have to out-shine the other, so every
-        # component of isolated pixels fits in 2×2: all are dots, and each is counted once at
-        # its first pixel in raster order (the one without an isolated W, NW, N or NE neighbour).
-        dot = isolated
-        firsts = _first_in_raster_order(dot.view(bool))
-        if np.count_nonzero(firsts) < params.dot_min_count:
-            return np.zeros(bright.shape, np.uint8)
-        n_chains, chain_labels, chain_stats = _components(_dilate(dot, _rect(k, k)))
-        dot_chains = chain_labels.reshape(-1)[np.flatnonzero(firsts)]
-    else:
-        _, labels, stats = _components(isolated)
-        small = stats[:, cv2.CC_STAT_AREA] <= params.dot_max_pixels
-        small[0] = False
-        if np.count_nonzero(small) < params.dot_min_count:
-            return np.zeros(bright.shape, np.uint8)
-        dot = small[labels].view(np.uint8)
-        n_chains, chain_labels, chain_stats = _components(_dilate(dot, _rect(k, k)))
-        corners = stats[small, :2]  # a dot's box corner lies in the chain grown around it
-        dot_chains = chain_labels[corners[:, 1], corners[:, 0]]
+        where = np.flatnonzero(isolated.view(bool))
+        if where.size <= _PAIRWISE_DOTS:
+            return _pairwise_dot_chains(where, bright.shape, params)
+    k = params.dot_chain_kernel
+    _, labels, stats = _components(isolated)
+    small = stats[:, cv2.CC_STAT_AREA] <= params.dot_max_pixels
+    small[0] = False
+    if np.count_nonzero(small) < params.dot_min_count:
+        return np.zeros(bright.shape, np.uint8)
+    dot = small[labels].view(np.uint8)
+    n_chains, chain_labels, chain_stats = _components(_dilate(dot, _rect(k, k)))
+    corners = stats[small, :2]  # a dot's box corner lies in the chain grown around it
+    dot_chains = chain_labels[corners[:, 1], corners[:, 0]]
     per_chain = np.bincount(dot_chains.astype(np.int64), minlength=n_chains)
     extent = np.maximum(chain_stats[:, cv2.CC_STAT_WIDTH], chain_stats[:, cv2.CC_STAT_HEIGHT]) - (
         k - 1
@@ -410,15 +492,61 @@ def _dot_chains(bright: Plane, params: InpaintParams, *, by_components: bool = F
     return result
 
 
-def _first_in_raster_order(on: Mask) -> Mask:
-    """Pixels of ``on`` with none of their W, NW, N, NE neighbours on."""
-    earlier = np.zeros(on.shape, bool)
-    earlier[:, 1:] |= on[:, :-1]  # W
-    earlier[1:, 1:] |= on[:-1, :-1]  # NW
-    earlier[1:, :] |= on[:-1, :]  # N
-    earlier[1:, :-1] |= on[:-1, 1:]  # NE
-    result: Mask = on & ~earlier
-    return result
+#: Up to this many isolated pixels, dot chains come from comparing every pair of them (a frame
+#: has tens: ~0.5 ms instead of ~1.8 ms for labelling 800×600); past it, from labelling the frame.
+_PAIRWISE_DOTS = 512
+
+
+def _pairwise_dot_chains(
+    where: NDArray[np.intp], shape: tuple[int, ...], params: InpaintParams
+) -> Plane:
+    """:func:`_dot_chains` from the flat indices of the isolated pixels (``dot_max_pixels`` ≥ 4).
+
+    Two isolated pixels two steps apart would each have to out-shine the other, so every
+    component of isolated pixels fits in 2×2: all are dots, each counted once at its first pixel
+    in raster order (no isolated W, NW, N or NE neighbour). The k×k squares the chaining dilation
+    grows around two pixels touch (8-connected) exactly when the pixels lie within k of each
+    other along both axes — at the frame's border too, where the squares are clipped — so chains
+    are the components of that relation, and their boxes those of the clipped squares.
+    """
+    height, width = shape[:2]
+    ys, xs = np.divmod(where.astype(np.int64), width)
+    dy = ys[:, None] - ys[None, :]
+    dx = xs[:, None] - xs[None, :]
+    earlier = ((dy == 0) & (dx == 1)) | ((dy == 1) & (np.abs(dx) <= 1))
+    firsts = ~earlier.any(axis=1)
+    k = params.dot_chain_kernel
+    linked = (np.abs(dy) <= k) & (np.abs(dx) <= k)
+    # Each pixel takes the smallest index it is linked to, then that pixel's: at the fixed
+    # point every chain carries the smallest index among its pixels.
+    chain = np.arange(where.size)
+    while True:
+        smallest = np.where(linked, chain[None, :], where.size).min(axis=1)
+        smallest = smallest[smallest]
+        if np.array_equal(smallest, chain):
+            break
+        chain = smallest
+    _, chain = np.unique(chain, return_inverse=True)
+    n_chains = int(chain.max()) + 1
+    per_chain = np.bincount(chain, weights=firsts, minlength=n_chains)
+    # OpenCV anchors an even kernel's square k // 2 after its pixel, k - 1 - k // 2 before it.
+    after, before = k // 2, k - 1 - k // 2
+
+    def span(coords: NDArray[np.int64], size: int) -> NDArray[np.int64]:
+        low = np.full(n_chains, size, np.int64)
+        high = np.full(n_chains, -1, np.int64)
+        np.minimum.at(low, chain, coords)
+        np.maximum.at(high, chain, coords)
+        result: NDArray[np.int64] = (
+            np.minimum(high + after, size - 1) - np.maximum(low - before, 0) + 1
+        )
+        return result
+
+    extent = np.maximum(span(xs, width), span(ys, height)) - (k - 1)
+    keep = (per_chain >= params.dot_min_count) & (extent >= params.dot_min_extent)
+    out = np.zeros((height, width), np.uint8)
+    out.reshape(-1)[where[keep[chain]]] = 1
+    return out
 
 
 def _dilate(mask: Plane, kernel: Plane) -> Plane:
@@ -433,20 +561,23 @@ def _rect(width: int, height: int) -> Plane:
     return np.asarray(cv2.getStructuringElement(cv2.MORPH_RECT, (width, height)), dtype=np.uint8)
 
 
-def annotation_mask(frame: Frame, params: InpaintParams | None = None) -> Mask:
+def annotation_mask(
+    frame: Frame, params: InpaintParams | None = None, *, lossy: bool = False
+) -> Mask:
     """Where annotations are: colour and bright-stroke detections, dilated, then closed.
 
-    This is exactly the set of pixels :func:`inpaint` replaces.
+    This is exactly the set of pixels :func:`inpaint` replaces. ``lossy``: the frame went
+    through lossy compression (``FrameMeta.lossy``), see ``InpaintParams.lossy_tolerance``.
     """
     params = params or InpaintParams()
-    return _annotation_mask(_as_rgb(frame), params)
+    return _annotation_mask(_as_rgb(frame), params, lossy)
 
 
-def _annotation_mask(rgb: Frame, params: InpaintParams) -> Mask:
+def _annotation_mask(rgb: Frame, params: InpaintParams, lossy: bool = False) -> Mask:
     saturation, value = _saturation_value(rgb)
     raw = _colour(saturation, value, params)
     if params.bright_marks:
-        raw |= _bright(rgb, value, params)
+        raw |= _bright(rgb, value, params, lossy)
     mask = raw
     if params.dilate_kernel > 1:
         mask = np.asarray(cv2.dilate(mask, _rect(params.dilate_kernel, params.dilate_kernel)))
@@ -457,7 +588,9 @@ def _annotation_mask(rgb: Frame, params: InpaintParams) -> Mask:
     return result
 
 
-def inpaint(frame: Frame, params: InpaintParams | None = None) -> tuple[Frame, Mask]:
+def inpaint(
+    frame: Frame, params: InpaintParams | None = None, *, lossy: bool = False
+) -> tuple[Frame, Mask]:
     """Fill annotations from the surrounding tissue (Navier–Stokes); return frame and mask.
 
     Parameters
@@ -466,6 +599,9 @@ def inpaint(frame: Frame, params: InpaintParams | None = None) -> tuple[Frame, M
         H×W×3 RGB (or H×W grey) uint8, after scrub.
     params
         Detection thresholds, kernels and the inpainting radius.
+    lossy
+        The frame went through lossy compression (``FrameMeta.lossy``): stroke detection
+        tolerates JPEG's noise when ``params.lossy_tolerance`` is set.
 
     Returns
     -------
@@ -474,7 +610,7 @@ def inpaint(frame: Frame, params: InpaintParams | None = None) -> tuple[Frame, M
     """
     params = params or InpaintParams()
     rgb = _as_rgb(frame)
-    mask = _annotation_mask(rgb, params)
+    mask = _annotation_mask(rgb, params, lossy)
     if frame.ndim == 2:
         return fill_navier_stokes(np.ascontiguousarray(frame), mask, params.radius), mask
     return fill_navier_stokes(rgb, mask, params.radius), mask

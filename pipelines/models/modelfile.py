@@ -258,10 +258,15 @@ def inpaint_record(params: InpaintParams | None) -> dict[str, Any] | None:
     return None if params is None else dataclasses.asdict(params)
 
 
+#: Inpaint settings added after model files began recording them, with the value that gives
+#: the behaviour from before: what a file lacking one was trained and validated with.
+INPAINT_BEFORE_RECORDED: dict[str, Any] = {"lossy_tolerance": None}
+
+
 def parse_inpaint(record: Any) -> InpaintParams | None:
     """The recorded inpaint settings. A setting this usfmd does not know is refused: it could
-    not clean frames as the model's training did. One it lacks (added later) keeps its default,
-    which new settings must give the behaviour of before."""
+    not clean frames as the model's training did. One the file lacks (added later) takes its
+    value from before it existed (:data:`INPAINT_BEFORE_RECORDED`), else its default."""
     if record is None:
         return None
     if not isinstance(record, Mapping):
@@ -274,7 +279,7 @@ def parse_inpaint(record: Any) -> InpaintParams | None:
             "way this model was trained"
         )
     try:
-        return InpaintParams(**dict(record))
+        return InpaintParams(**{**INPAINT_BEFORE_RECORDED, **dict(record)})
     except (TypeError, ValueError) as exc:
         raise ModelLoadError(f"inpaint settings are invalid: {exc}") from None
 

@@ -4,7 +4,8 @@ Run:  .venv/bin/pytest tests/bench/test_pipeline.py -m bench -s
 (tests/bench is outside the default testpaths; results go to stdout, see docs/benchmarks.md.)
 
 Inputs, each through exactly the code the ``analyze`` job runs
-(:func:`pipelines.clean.clean_instance`), followed by the USF-MAE preprocessing (nearest 224
+(:func:`pipelines.clean.clean_instance` with the daemon's default ``[pipeline]`` settings, so
+JPEG instances get the lossy stroke rules), followed by the USF-MAE preprocessing (nearest 224
 squash, ImageNet normalisation):
 
 * ``color3d_jpeg_baseline.dcm`` from pydicom-data: a real 120-frame 640×480 JPEG Baseline
@@ -63,15 +64,18 @@ class Pass:
 def _one_pass(paths: list[str]) -> Pass:
     import cv2
 
+    from daemon.config import PipelineSettings
+    from daemon.worker.analyze import clean_params
     from pipelines.clean import clean_instance
     from pipelines.preprocess import USF_MAE, preprocess
 
     cv2.setNumThreads(1)
+    params = clean_params(PipelineSettings())
     stage_ms = dict.fromkeys(STAGES, 0.0)
     frames = 0
     wall, cpu = time.perf_counter(), time.process_time()
     for path in paths:
-        for clean in clean_instance(path):
+        for clean in clean_instance(path, params):
             started = time.perf_counter()
             model_input = preprocess(clean.pixels, USF_MAE)
             stage_ms["preprocess"] += (time.perf_counter() - started) * 1000.0
@@ -140,10 +144,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[
 
     directory = tmp_path_factory.mktemp("pipeline-bench")
     (cine,) = [p for p in ultrasound_files() if p.name == "color3d_jpeg_baseline.dcm"]
-    raw, jpeg = [], []
+    raw: list[str] = []
+    jpeg: list[str] = []
     for seed in range(PHANTOMS):
-        kind = "head" if seed % 2 else "heart"
-        sample = make_phantom(seed, kind, style="colour" if seed % 4 < 2 else "grey")
+        sample = make_phantom(
+            seed, "head" if seed % 2 else "heart", style="colour" if seed % 4 < 2 else "grey"
+        )
         for syntax, bucket in ((ExplicitVRLittleEndian, raw), (JPEGBaseline8Bit, jpeg)):
             path = directory / f"{seed}-{len(bucket)}-{syntax}.dcm"
             write_phantom(path, [sample], transfer_syntax=syntax)

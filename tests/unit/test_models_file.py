@@ -174,6 +174,13 @@ def test_inpaint_settings_travel_with_the_model(tmp_path: Path) -> None:
     torch.save(payload, tmp_path / "older.pt")
     older = read_model_info(tmp_path / "older.pt").inpaint
     assert older == replace(trained, dot_min_extent=InpaintParams().dot_min_extent)
+    # ...unless it changed behaviour: a file from before the JPEG tolerance keeps the exact
+    # rules it was trained and validated with, whatever today's default.
+    assert InpaintParams().lossy_tolerance == 6 and trained.lossy_tolerance == 6
+    del payload["inpaint"]["lossy_tolerance"]
+    torch.save(payload, tmp_path / "pre-jpeg.pt")
+    pre_jpeg = read_model_info(tmp_path / "pre-jpeg.pt").inpaint
+    assert pre_jpeg is not None and pre_jpeg.lossy_tolerance is None
 
     payload = torch.load(path, weights_only=True)
     payload["format_version"] = 1
