@@ -181,6 +181,10 @@ class QueueSettings(_Section):
 
     #: Local worker processes started by ``usfmd serve`` (0: receive only; run ``usfmd worker``).
     workers: int = Field(default=2, ge=0, le=64)
+    #: Jobs each worker process runs at once, each in its own thread: the frames of concurrent
+    #: analyses share forward passes (``analysis.max_batch``), so many small studies keep the
+    #: model busy. 1: one job at a time.
+    jobs_per_worker: int = Field(default=4, ge=1, le=32)
     #: A claimed job belongs to its worker for this long; heartbeats extend it.
     lease_seconds: float = Field(default=60, gt=0)
     heartbeat_seconds: float = Field(default=10, gt=0)

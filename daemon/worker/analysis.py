@@ -27,14 +27,9 @@ from daemon.dispatch.dispatcher import destination_names
 from daemon.dispatch.results import ArchivedResult, record_result, write_result
 from daemon.models.cache import LoadedModel, ModelCache
 from daemon.worker.analyze import FrameSink, InstanceFile, StopCheck, analyze_instance
+from daemon.worker.batching import task_run
 from daemon.worker.handlers import Outcome, WorkContext
-from daemon.worker.inference import (
-    TaskRun,
-    heatmap,
-    image_finding,
-    predictor_for,
-    source_image,
-)
+from daemon.worker.inference import TaskRun, heatmap, image_finding, source_image
 from daemon.worker.routing import decide
 from pipelines.clean import CleanFrame, CleanParams
 from pipelines.infer import InstanceResult
@@ -53,12 +48,13 @@ class TaskOutcome:
 
 
 def model_cache(ctx: WorkContext) -> ModelCache:
-    if ctx.model_cache is None:
-        for spec in ctx.settings.analysis.tasks:
-            register_task(spec.to_spec())
-        ctx.model_cache = ModelCache.from_settings(ctx.db, ctx.settings)
-    cache: ModelCache = ctx.model_cache
-    return cache
+    with ctx.shared.lock:  # the process's concurrent jobs share one cache
+        if ctx.model_cache is None:
+            for spec in ctx.settings.analysis.tasks:
+                register_task(spec.to_spec())
+            ctx.model_cache = ModelCache.from_settings(ctx.db, ctx.settings)
+        cache: ModelCache = ctx.model_cache
+        return cache
 
 
 def _known_results(ctx: WorkContext, instance_pk: int, cache: ModelCache) -> dict[str, str]:
@@ -122,7 +118,7 @@ def analyze_with_models(
                 awaiting.append(task)
                 results[task] = ""  # decided: it waits for a model (and so do its dependants)
             else:
-                runs[task] = TaskRun(loaded, predictor_for(loaded), settings.max_batch)
+                runs[task] = task_run(ctx, loaded)
         if not runs:
             break
         models = {task: run.loaded for task, run in runs.items()}

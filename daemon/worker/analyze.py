@@ -29,7 +29,7 @@ from daemon.db import queue
 from daemon.db.engine import Database
 from daemon.db.models import Instance, JobState, ModelVersion
 from daemon.db.queue import ClaimedJob
-from daemon.worker.handlers import JobFailed, Outcome, WorkContext
+from daemon.worker.handlers import JobFailed, JobReleased, Outcome, WorkContext
 from pipelines.clean import (
     CleanFrame,
     CleanParams,
@@ -187,10 +187,10 @@ def _job_errors(ctx: WorkContext, job: ClaimedJob, target: InstanceFile) -> Iter
     now (the archived file is missing)."""
     try:
         yield
-    except Interrupted:
+    except Interrupted as exc:
         if ctx.stopping.is_set() and not ctx.lease_lost.is_set():
             queue.release(ctx.db, job, ctx.worker, datetime.now(UTC))
-            log.info("analysis stopped for shutdown; job released", extra={"job": job.id})
+            raise JobReleased(exc.reason) from exc
         raise
     except (DecodeError, NoStripConfigured) as exc:
         # Both messages name the SOP Instance UID and the rule, never patient data.

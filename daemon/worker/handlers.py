@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -21,8 +22,27 @@ PROBE = "probe"
 
 
 @dataclass
+class ProcessShared:
+    """What the jobs running side by side in one worker process share, made on first use
+    (under ``lock``): models and their batchers load torch, which only analysing processes need.
+    """
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: The process's :class:`daemon.models.cache.ModelCache`.
+    model_cache: Any = None
+    #: The process's :class:`daemon.worker.batching.BatcherPool`.
+    batchers: Any = None
+
+
+@dataclass
 class WorkContext:
-    """What a handler may use; ``lease_lost`` is set when a heartbeat finds the job taken over."""
+    """What a handler may use.
+
+    A worker process makes one, and :meth:`for_job` a copy per job it runs: ``worker`` (the
+    job's lease owner), ``lease_lost`` (set when the job's heartbeat finds it taken over) and
+    ``job_exit`` (undone when the job ends) are the job's own; ``stopping`` and ``shared`` are
+    the process's.
+    """
 
     settings: Settings
     db: Database
@@ -30,9 +50,24 @@ class WorkContext:
     worker: str
     lease_lost: threading.Event = field(default_factory=threading.Event)
     stopping: threading.Event = field(default_factory=threading.Event)
-    #: This process's :class:`daemon.models.cache.ModelCache`, made on first use (it loads
-    #: torch, which only analysing processes need).
-    model_cache: Any = None
+    shared: ProcessShared = field(default_factory=ProcessShared)
+    #: Callbacks run when the job ends, whatever its outcome (e.g. letting go of a batcher).
+    job_exit: contextlib.ExitStack[bool | None] = field(default_factory=contextlib.ExitStack)
+
+    def for_job(self, worker: str) -> WorkContext:
+        """A context for one job leased to ``worker``, sharing this process's state."""
+        return replace(
+            self, worker=worker, lease_lost=threading.Event(), job_exit=contextlib.ExitStack()
+        )
+
+    @property
+    def model_cache(self) -> Any:
+        """This process's :class:`daemon.models.cache.ModelCache` (None until first use)."""
+        return self.shared.model_cache
+
+    @model_cache.setter
+    def model_cache(self, cache: Any) -> None:
+        self.shared.model_cache = cache
 
 
 @dataclass(frozen=True)
@@ -52,6 +87,11 @@ class JobFailed(Exception):
     def __init__(self, message: str, *, permanent: bool = False) -> None:
         super().__init__(message)
         self.permanent = permanent
+
+
+class JobReleased(JobFailed):
+    """The handler gave its job back to the queue, uncounted (its worker is stopping): not a
+    failure, nothing more to record."""
 
 
 class ProbeFailure(JobFailed):

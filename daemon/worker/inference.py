@@ -1,14 +1,18 @@
 """Models inside the ``analyze`` job: per-frame predictions, the instance result, its heatmap.
 
-One pass over an instance's clean frames feeds every task that runs on it (:class:`TaskRun`);
-frames are batched (``analysis.max_batch``) and never all held: each task keeps, per class, only
-the frame most in favour of that class, which is all Eigen-CAM and the heatmap need once the
-cine's aggregate names the reported class.
+One pass over an instance's clean frames feeds every task that runs on it (:class:`TaskRun`).
+Each frame goes to its model's :class:`~pipelines.infer.Batcher`, shared by every job of the
+worker process (:mod:`daemon.worker.batching`), so frames of concurrent jobs share forward
+passes; the job thread goes on decoding while its frames wait. Frames are never all held: a
+task keeps, per class, only the frame most in favour of that class, which is all Eigen-CAM and
+the heatmap need once the cine's aggregate names the reported class.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -20,7 +24,7 @@ from pydicom.dataset import Dataset
 from daemon.models.cache import LoadedModel
 from pipelines.clean import CleanFrame
 from pipelines.explain import CamTarget, to_frame
-from pipelines.infer import InstanceResult, Predictor, aggregate
+from pipelines.infer import Batcher, InstanceResult, Predictor, aggregate
 from pipelines.preprocess import preprocess
 from pipelines.report import Algorithm, ImageFinding, SourceImage, build_heatmap_sc, derive_uid
 
@@ -30,26 +34,27 @@ MANUFACTURER = "usfmd"
 HEATMAP_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9900
 
-_predictors: dict[int, Predictor] = {}
+#: Per task: the version id and the predictor of its model in this process.
+_predictors: dict[str, tuple[int, Predictor]] = {}
 _predictors_lock = threading.Lock()
 
 
 def predictor_for(loaded: LoadedModel) -> Predictor:
-    """One :class:`Predictor` per model version in this process (the model moves to its device
-    once); a newly activated version gets its own."""
+    """One :class:`Predictor` per task's model version in this process (the model moves to its
+    device once); a newly activated version replaces its task's older one."""
     with _predictors_lock:
-        found = _predictors.get(loaded.ref.id)
-        if found is None:
-            found = Predictor(
-                loaded.model,
-                loaded.task,
-                device=loaded.device,
-                bf16="on" if loaded.bf16 else "off",
-                input_size=loaded.preprocessing.size,
-            )
-            _predictors.clear()  # older versions are no longer active here: free them
-            _predictors[loaded.ref.id] = found
-        return found
+        found = _predictors.get(loaded.task.name)
+        if found is not None and found[0] == loaded.ref.id and found[1].model is loaded.model:
+            return found[1]
+        predictor = Predictor(
+            loaded.model,
+            loaded.task,
+            device=loaded.device,
+            bf16="on" if loaded.bf16 else "off",
+            input_size=loaded.preprocessing.size,
+        )
+        _predictors[loaded.task.name] = (loaded.ref.id, predictor)
+        return predictor
 
 
 def cam_target(loaded: LoadedModel) -> CamTarget:
@@ -91,46 +96,63 @@ class _Best:
     model_input: npt.NDArray[np.float32]
 
 
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    frame: CleanFrame
+    model_input: npt.NDArray[np.float32]
+    probabilities: Future[np.ndarray]
+
+
 @dataclass
 class TaskRun:
-    """One task's model over one instance's frames."""
+    """One task's model over one instance's frames.
+
+    Each frame is submitted to ``batcher`` as soon as it is preprocessed; at most ``in_flight``
+    frames await their probabilities (then the job waits for the oldest), which bounds the
+    memory one job holds while letting it decode ahead of the model.
+    """
 
     loaded: LoadedModel
     predictor: Predictor
-    max_batch: int
-    _inputs: list[npt.NDArray[np.float32]] = field(default_factory=list)
-    _frames: list[CleanFrame] = field(default_factory=list)
+    batcher: Batcher
+    in_flight: int = 32
+    _waiting: deque[_InFlight] = field(default_factory=deque)
     _probabilities: list[npt.NDArray[np.float32]] = field(default_factory=list)
     _best: dict[int, _Best] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.in_flight < 1:
+            raise ValueError(f"in_flight={self.in_flight}: must be >= 1")
+
     def add(self, frame: CleanFrame) -> None:
-        self._inputs.append(preprocess(frame.pixels, self.loaded.preprocessing))
-        self._frames.append(frame)
-        if len(self._inputs) >= self.max_batch:
-            self.flush()
+        model_input = preprocess(frame.pixels, self.loaded.preprocessing)
+        future = self.batcher.submit(model_input[None])
+        self._waiting.append(_InFlight(frame, model_input, future))
+        while len(self._waiting) >= self.in_flight:
+            self._settle_oldest()
 
     def flush(self) -> None:
-        if not self._inputs:
-            return
-        batch = np.stack(self._inputs)
-        probs = np.asarray(self.predictor.predict(batch), dtype=np.float32)
-        for row, (frame, model_input) in enumerate(zip(self._frames, self._inputs, strict=True)):
-            index = frame.meta.frame_index
-            for cls in range(probs.shape[1]):
-                best = self._best.get(cls)
-                if best is None or probs[row, cls] > best.probability:
-                    self._best[cls] = _Best(
-                        float(probs[row, cls]), index, np.array(frame.pixels), model_input
-                    )
-        self._probabilities.append(probs)
-        self._inputs.clear()
-        self._frames.clear()
+        """Wait for every submitted frame's probabilities."""
+        while self._waiting:
+            self._settle_oldest()
+
+    def _settle_oldest(self) -> None:
+        waiting = self._waiting.popleft()
+        row = np.asarray(waiting.probabilities.result(), dtype=np.float32)[0]
+        index = waiting.frame.meta.frame_index
+        for cls, probability in enumerate(row):
+            best = self._best.get(cls)
+            if best is None or probability > best.probability:
+                self._best[cls] = _Best(
+                    float(probability), index, np.array(waiting.frame.pixels), waiting.model_input
+                )
+        self._probabilities.append(row)
 
     def result(self, method: str, k: int) -> InstanceResult:
         self.flush()
         if not self._probabilities:
             raise ValueError("no frame reached the model")
-        table = np.concatenate(self._probabilities)
+        table = np.stack(self._probabilities)
         return aggregate(table, self.loaded.task.class_names, method=method, k=k)  # type: ignore[arg-type]
 
     def best(self, class_index: int) -> _Best:

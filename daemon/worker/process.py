@@ -2,8 +2,10 @@
 them alone so that more hosts can join one PostgreSQL queue.
 
 Processes, not threads: image stages and inference are CPU-bound and must not share the GIL
-with the DICOM receiver. SIGTERM stops claiming, lets the current job finish for
-``queue.drain_seconds`` and otherwise gives it back to the queue (not counted as an attempt).
+with the DICOM receiver. Inside a process, ``queue.jobs_per_worker`` jobs run side by side
+(:class:`daemon.worker.loop.Worker`) and share the process's models and batchers. SIGTERM stops
+claiming, lets the jobs in flight finish for ``queue.drain_seconds`` and gives back those still
+running then (not counted as an attempt).
 """
 
 from __future__ import annotations
@@ -41,17 +43,25 @@ def run_worker(settings: Settings, index: int, stop: threading.Event) -> None:
         stop.wait()
         ctx.stopping.set()
         deadline = time.monotonic() + settings.queue.drain_seconds
-        while worker.current is not None and time.monotonic() < deadline:
+        while worker.running() and time.monotonic() < deadline:
             time.sleep(0.1)
-        if worker.current is not None:
-            worker.release_current()
-            os._exit(0)  # the handler cannot be interrupted otherwise; its job is back in line
+        if worker.running():
+            worker.release_all()
+            os._exit(0)  # handlers cannot be interrupted otherwise; their jobs are back in line
 
     threading.Thread(target=drain, name="drain", daemon=True).start()
     try:
         worker.run(stop)
     finally:
+        _close_shared(ctx)
         db.dispose()
+
+
+def _close_shared(ctx: WorkContext) -> None:
+    """Stop the process's batchers (their queues are empty: every job has ended)."""
+    pool = ctx.shared.batchers
+    if pool is not None:
+        pool.close()
 
 
 def _watch_parent(parent: int, stop: threading.Event, interval: float = 1.0) -> None:

@@ -92,8 +92,11 @@ class AnalysisSettings(_Section):
     #: How a cine's per-frame probabilities become the instance result.
     aggregate: Literal["mean", "max", "topk"] = "mean"
     top_k: int = Field(default=5, ge=1)
-    #: Frames per forward pass.
-    max_batch: int = Field(default=32, ge=1, le=1024)
+    #: Most frames per forward pass, from all the jobs of a worker process; None: what the
+    #: device runs best (``Predictor.preferred_batch``: 16 on CPU, 64 on CUDA).
+    max_batch: int | None = Field(default=None, ge=1, le=1024)
+    #: Longest a frame waits for others to join its batch.
+    max_wait_ms: float = Field(default=20, ge=0, le=10_000)
     #: Analyse every n-th frame of a cine (1: all frames).
     frame_stride: int = Field(default=1, ge=1)
 

@@ -1,8 +1,10 @@
 """Worker processes against a real queue (SQLite and PostgreSQL): exactly-once under races,
-recovery after kill -9, SIGTERM drains or releases."""
+recovery after kill -9, SIGTERM drains or releases every job in flight, and several analyses
+side by side in one process sharing forward passes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,15 +14,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import torch
 from sqlalchemy import func, select
 
+from daemon.config import load_settings
 from daemon.db import migrate, queue
 from daemon.db.engine import Database
-from daemon.db.models import Job, JobResult, JobState
+from daemon.db.index import InstanceHeader, record_instance
+from daemon.db.models import Finding, Instance, Job, JobResult, JobState, Study
+from daemon.db.studies import mark_stable
+from daemon.models import activate, import_model
+from daemon.receive.archive import Archive
+from daemon.service import open_archive
+from pipelines.models import build_task_model, get_encoder_card, save_model_file
+from pipelines.phantom import make_phantom
+from pipelines.phantom.dicom import phantom_dataset
 
 from helpers import wait_for
 
 USFMD = [sys.executable, "-m", "daemon.cli"]
+TINY = dict(get_encoder_card("usf-mae-vit-b16").tiny_overrides)
 
 
 @pytest.fixture
@@ -87,7 +100,8 @@ def test_four_processes_500_jobs_each_done_once(tmp_path: Path, db: Database) ->
     with db.read() as session:
         done = session.execute(select(JobResult.job_pk, JobResult.worker)).all()
     assert sorted(pk for pk, _ in done) == ids  # one effect per job, none missing
-    assert len({worker for _, worker in done}) > 1, "the work was shared between processes"
+    processes = {worker.rsplit("/", 1)[0] for _, worker in done}  # host:pid:index/slot
+    assert len(processes) > 1, "the work was shared between processes"
 
 
 def test_kill_9_mid_job_completes_once_after_lease_expiry(tmp_path: Path, db: Database) -> None:
@@ -160,3 +174,114 @@ def _alive(pid: int) -> bool:
             return stat.read().split(") ")[1][0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_sigterm_drains_every_job_in_flight(tmp_path: Path, db: Database) -> None:
+    ids = _probes(db, 3, seconds=1.5)
+    env = _env(tmp_path, db, drain_seconds=20, jobs_per_worker=3)
+    proc = _workers(env, 1, tmp_path / "w.log")
+    wait_for(
+        lambda: all(_job(db, i).state == JobState.RUNNING for i in ids), 30, "three jobs claimed"
+    )
+    owners = {_job(db, i).lease_owner for i in ids}
+    assert len(owners) == 3 and len({o.rsplit("/", 1)[0] for o in owners if o}) == 1
+    assert _stop(proc) == 0
+    assert [_job(db, i).state for i in ids] == [JobState.DONE] * 3
+
+
+def test_sigterm_releases_every_long_job_in_flight(tmp_path: Path, db: Database) -> None:
+    ids = _probes(db, 3, seconds=120)
+    proc = _workers(_env(tmp_path, db, drain_seconds=1, jobs_per_worker=4), 1, tmp_path / "w.log")
+    wait_for(
+        lambda: all(_job(db, i).state == JobState.RUNNING for i in ids), 30, "three jobs claimed"
+    )
+    assert _stop(proc) == 0
+    for i in ids:
+        row = _job(db, i)
+        assert (row.state, row.attempts, row.lease_owner) == (JobState.QUEUED, 0, None)
+
+
+# --- analyses side by side ----------------------------------------------------------------------
+
+N_STUDIES = 24
+
+
+def _archive_one_frame_studies(db: Database, data_dir: Path, count: int) -> None:
+    """``count`` one-frame phantom studies, stored and indexed as receive does, made stable."""
+    archive = open_archive(
+        load_settings(None, storage={"data_dir": str(data_dir), "min_free_space": 0})
+    )
+    now = datetime.now(UTC)
+    for seed in range(count):
+        ds = phantom_dataset([make_phantom(500 + seed, "heart")])
+        relative = Archive.relative_path(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        )
+        path = archive.absolute(relative)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+        with db.write() as session:
+            record_instance(
+                session,
+                header,
+                path=relative,
+                size_bytes=path.stat().st_size,
+                calling_ae=None,
+                now=now,
+            )
+            session.flush()
+            study = session.scalar(
+                select(Study).where(Study.study_instance_uid == ds.StudyInstanceUID)
+            )
+            assert study is not None and mark_stable(session, study, now) == 1
+
+
+def test_worker_slots_analyse_many_one_frame_studies_once(tmp_path: Path, db: Database) -> None:
+    """One process with four job slots: every one-frame study is analysed exactly once (one
+    finding, one heatmap, one SR each) and frames of different studies share forward passes."""
+    data_dir = tmp_path / "data"
+    torch.manual_seed(11)
+    model = build_task_model("heart_view", "usf-mae-vit-b16", overrides=TINY)
+    save_model_file(tmp_path / "heart.pt", model, synthetic=True)
+    with db.write() as session:
+        version = import_model(
+            session, tmp_path / "heart.pt", version="1", synthetic=True, data_dir=data_dir
+        )
+        session.flush()
+        activate(session, version.id, allow_synthetic=True)
+    _archive_one_frame_studies(db, data_dir, N_STUDIES)
+    env = _env(tmp_path, db, jobs_per_worker=4, heartbeat_seconds=1)
+    env.update(
+        USFMD_ANALYSIS__ROUTES='[{"task": "heart_view"}]',
+        USFMD_ANALYSIS__MAX_BATCH="4",
+        USFMD_ANALYSIS__MAX_WAIT_MS="300",
+        USFMD_MODELS__DEVICE="cpu",
+        USFMD_LOGGING__JSON="true",
+    )
+    log = tmp_path / "w.log"
+    proc = _workers(env, 1, log)
+    try:
+        wait_for(lambda: _states(db) == {"done": 2 * N_STUDIES}, 240, "analyses and SRs done")
+    finally:
+        assert _stop(proc) == 0
+    with db.read() as session:
+        jobs = session.execute(select(Job.kind, Job.attempts)).all()
+        results = list(session.scalars(select(JobResult.job_pk)))
+        findings = session.scalar(select(func.count()).select_from(Finding))
+        outputs = session.execute(
+            select(Instance.sop_class_uid, func.count())
+            .where(Instance.analysable.is_(False))
+            .group_by(Instance.sop_class_uid)
+        ).all()
+    assert sorted(jobs) == sorted([("analyze", 1)] * N_STUDIES + [("report", 1)] * N_STUDIES)
+    assert len(results) == len(set(results)) == 2 * N_STUDIES  # one effect per job
+    assert findings == N_STUDIES
+    assert sorted(n for _, n in outputs) == [N_STUDIES, N_STUDIES]  # heatmaps, SRs
+    (closed,) = [
+        entry
+        for entry in map(json.loads, log.read_text().splitlines())
+        if entry.get("message") == "batcher closed"
+    ]
+    assert closed["frames"] == N_STUDIES
+    assert closed["largest"] > 1 and closed["batches"] < N_STUDIES, closed

@@ -26,7 +26,7 @@ from daemon.models.registry import ModelRegistryError
 from daemon.receive.archive import Archive
 from daemon.service import open_archive, open_database
 from daemon.worker.analyze import AWAITING_REASON, Interrupted, analyze_instance, clean_params
-from daemon.worker.handlers import HANDLERS, JobFailed, WorkContext
+from daemon.worker.handlers import HANDLERS, JobFailed, JobReleased, WorkContext
 from daemon.worker.loop import Worker
 from pipelines.clean import Cleaner, CleanParams, NoStripConfigured, clean_instance
 from pipelines.decode import YBRConverter, iter_frames
@@ -275,11 +275,13 @@ def test_stopping_worker_releases_the_job_between_frames(ctx: WorkContext) -> No
     _archive(ctx.db, ctx.archive, phantom_dataset(make_cine(15, 3, "heart")))
     job = _claim(ctx)
     ctx.stopping.set()
-    with pytest.raises(Interrupted, match="worker stopping"):
+    with pytest.raises(JobReleased, match="worker stopping") as raised:
         HANDLERS[ANALYZE](ctx, job)
+    assert isinstance(raised.value.__cause__, Interrupted)  # not a failure: nothing recorded
     with ctx.db.read() as session:
         row = session.get(Job, job.id)
         assert row is not None and row.state is JobState.QUEUED and row.attempts == 0
+        assert row.last_error is None
 
 
 def test_lost_lease_stops_the_analysis(tmp_path: Path) -> None:
