@@ -10,9 +10,17 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pydicom
+from sqlalchemy import select
+
+from daemon.db.engine import Database
+from daemon.db.index import InstanceHeader, record_instance
+from daemon.db.models import Study
+from daemon.db.studies import mark_stable
+from daemon.receive.archive import Archive
 
 DCMTK = Path("/usr/bin")
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -80,3 +88,21 @@ def ultrasound_files() -> tuple[Path, ...]:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def archive_stable(db: Database, archive: Archive, ds: pydicom.Dataset, now: datetime) -> str:
+    """Store and index ``ds`` as receive does and make its study stable (queues its analyze
+    job); return its archive-relative path."""
+    relative = Archive.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    path = archive.absolute(relative)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
+    with db.write() as session:
+        record_instance(
+            session, header, path=relative, size_bytes=path.stat().st_size, calling_ae=None, now=now
+        )
+    with db.write() as session:
+        study = session.scalar(select(Study).where(Study.study_instance_uid == ds.StudyInstanceUID))
+        assert study is not None and mark_stable(session, study, now) == 1
+    return relative

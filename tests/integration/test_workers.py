@@ -20,17 +20,14 @@ from sqlalchemy import func, select
 from daemon.config import load_settings
 from daemon.db import migrate, queue
 from daemon.db.engine import Database
-from daemon.db.index import InstanceHeader, record_instance
-from daemon.db.models import Finding, Instance, Job, JobResult, JobState, Study
-from daemon.db.studies import mark_stable
+from daemon.db.models import Finding, Instance, Job, JobResult, JobState
 from daemon.models import activate, import_model
-from daemon.receive.archive import Archive
 from daemon.service import open_archive
 from pipelines.models import build_task_model, get_encoder_card, save_model_file
 from pipelines.phantom import make_phantom
 from pipelines.phantom.dicom import phantom_dataset
 
-from helpers import wait_for
+from helpers import archive_stable, wait_for
 
 USFMD = [sys.executable, "-m", "daemon.cli"]
 TINY = dict(get_encoder_card("usf-mae-vit-b16").tiny_overrides)
@@ -213,28 +210,7 @@ def _archive_one_frame_studies(db: Database, data_dir: Path, count: int) -> None
     )
     now = datetime.now(UTC)
     for seed in range(count):
-        ds = phantom_dataset([make_phantom(500 + seed, "heart")])
-        relative = Archive.relative_path(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
-        )
-        path = archive.absolute(relative)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ds.save_as(path, enforce_file_format=True)
-        header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
-        with db.write() as session:
-            record_instance(
-                session,
-                header,
-                path=relative,
-                size_bytes=path.stat().st_size,
-                calling_ae=None,
-                now=now,
-            )
-            session.flush()
-            study = session.scalar(
-                select(Study).where(Study.study_instance_uid == ds.StudyInstanceUID)
-            )
-            assert study is not None and mark_stable(session, study, now) == 1
+        archive_stable(db, archive, phantom_dataset([make_phantom(500 + seed, "heart")]), now)
 
 
 def test_worker_slots_analyse_many_one_frame_studies_once(tmp_path: Path, db: Database) -> None:

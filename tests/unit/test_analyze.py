@@ -19,9 +19,8 @@ from sqlalchemy import func, select
 from daemon.config import Settings, load_settings
 from daemon.db import queue
 from daemon.db.engine import Database
-from daemon.db.index import InstanceHeader, record_instance
-from daemon.db.models import Finding, Job, JobState, ModelVersion, Study
-from daemon.db.studies import ANALYZE, mark_stable
+from daemon.db.models import Finding, Job, JobState, ModelVersion
+from daemon.db.studies import ANALYZE
 from daemon.models.registry import ModelRegistryError
 from daemon.receive.archive import Archive
 from daemon.service import open_archive, open_database
@@ -35,7 +34,7 @@ from pipelines.phantom import frame_meta, make_cine, make_phantom
 from pipelines.phantom.dicom import phantom_dataset
 from pipelines.scrub import ScrubParams, UnscrubbedFrameError, require_scrubbed, scrub_band
 
-from helpers import ultrasound_files
+from helpers import archive_stable, ultrasound_files
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -149,18 +148,7 @@ def ctx(settings: Settings) -> Iterator[WorkContext]:
 
 def _archive(db: Database, archive: Archive, ds: Dataset) -> int:
     """Store and index ``ds`` as receive does, make its study stable; return the job id."""
-    relative = Archive.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    path = archive.absolute(relative)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
-    with db.write() as session:
-        record_instance(
-            session, header, path=relative, size_bytes=path.stat().st_size, calling_ae=None, now=NOW
-        )
-    with db.write() as session:
-        study = session.scalar(select(Study).where(Study.study_instance_uid == ds.StudyInstanceUID))
-        assert study is not None and mark_stable(session, study, NOW) == 1
+    archive_stable(db, archive, ds, NOW)
     with db.read() as session:
         job = session.scalar(select(Job).where(Job.kind == ANALYZE).order_by(Job.id.desc()))
         assert job is not None

@@ -18,9 +18,8 @@ from sqlalchemy import func, select, update
 from daemon.config import Settings, load_settings
 from daemon.db import migrate, queue
 from daemon.db.engine import Database
-from daemon.db.index import InstanceHeader, record_instance
-from daemon.db.models import Finding, Instance, Job, JobResult, JobState, Study
-from daemon.db.studies import ANALYZE, mark_stable
+from daemon.db.models import Finding, Instance, Job, JobResult, JobState
+from daemon.db.studies import ANALYZE
 from daemon.models import ModelCache, activate, import_model, models_dir
 from daemon.models.cache import LoadedModel
 from daemon.receive.archive import Archive
@@ -37,6 +36,8 @@ from pipelines.models import build_task_model, get_encoder_card, save_model_file
 from pipelines.phantom import frame_meta, make_cine, make_phantom
 from pipelines.phantom.dicom import phantom_dataset
 from pipelines.preprocess import preprocess
+
+from helpers import archive_stable
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 TINY = dict(get_encoder_card("usf-mae-vit-b16").tiny_overrides)
@@ -184,19 +185,7 @@ def test_a_new_version_gets_a_new_batcher_and_the_old_one_serves_its_holders(
 
 
 def _archive(db: Database, archive: Archive, seed: int) -> None:
-    ds = phantom_dataset([make_phantom(seed, "heart")])
-    relative = Archive.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    path = archive.absolute(relative)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    header = InstanceHeader.from_dataset(ds, str(ds.file_meta.TransferSyntaxUID))
-    with db.write() as session:
-        record_instance(
-            session, header, path=relative, size_bytes=path.stat().st_size, calling_ae=None, now=NOW
-        )
-    with db.write() as session:
-        study = session.scalar(select(Study).where(Study.study_instance_uid == ds.StudyInstanceUID))
-        assert study is not None and mark_stable(session, study, NOW) == 1
+    archive_stable(db, archive, phantom_dataset([make_phantom(seed, "heart")]), NOW)
 
 
 def test_worker_slots_analyse_one_frame_studies_in_shared_batches(
