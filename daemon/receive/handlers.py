@@ -37,6 +37,7 @@ from daemon.db.models import CommitmentRequest, CommitmentState
 from daemon.errors import ConformanceError, DiskFullError
 from daemon.receive import commitment, status
 from daemon.receive.archive import Archive, fsync_path
+from daemon.receive.header import HEAD_BYTES, read_header_fields
 from daemon.receive.policy import known_ae
 from daemon.receive.sop_classes import (
     ANALYSABLE_SOP_CLASSES,
@@ -273,10 +274,20 @@ class Receiver:
 
     @staticmethod
     def _read_header(path: Path, request: Any, transfer_syntax: str) -> InstanceHeader:
+        ds: Dataset | dict[str, Any]
         try:
             with open(path, "rb") as fp:
-                ds = read_partial(fp, stop_when=_at_pixel_data)
-                pixel_problem = _pixel_data_problem(fp, path.stat().st_size, transfer_syntax)
+                # The common case without pydicom (see daemon.receive.header), else pydicom.
+                plain = read_header_fields(fp.read(HEAD_BYTES), transfer_syntax)
+                if plain is not None:
+                    ds, pixel_offset = plain
+                    fp.seek(pixel_offset)
+                else:
+                    fp.seek(0)
+                    ds = read_partial(fp, stop_when=_at_pixel_data)
+                pixel_problem = _pixel_data_problem(
+                    fp, os.fstat(fp.fileno()).st_size, transfer_syntax
+                )
         except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
             reason = f"cannot parse dataset: {type(exc).__name__}"
             raise _Refusal(status.STORE_CANNOT_UNDERSTAND, reason) from exc

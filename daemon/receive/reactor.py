@@ -46,13 +46,17 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.utils import make_target
+
+from daemon.receive import encoding
 
 DUL_LOGGER = logging.getLogger("pynetdicom.dul")  # the loggers the copied loops log to
 ASSOC_LOGGER = logging.getLogger("pynetdicom.association")
@@ -303,17 +307,22 @@ class EventDUL(DULServiceProvider):
         context = self.assoc._accepted_cx[cast(int, message.context_id)]
         sink = DatasetFile(cast(Path, self.incoming) / f"{uuid.uuid4().hex}.dcm")
         try:
-            meta = DicomBytesIO()
-            meta.write(b"\x00" * 128 + b"DICM")
-            write_file_meta_info(
-                meta,
-                create_file_meta(
-                    sop_class_uid=command.AffectedSOPClassUID,
-                    sop_instance_uid=command.AffectedSOPInstanceUID,
-                    transfer_syntax=context.transfer_syntax[0],
-                ),
-            )
-            sink.write(meta.getvalue())
+            sop_class, sop_instance = command.AffectedSOPClassUID, command.AffectedSOPInstanceUID
+            syntax = context.transfer_syntax[0]
+            encoded = encoding.file_meta(sop_class, sop_instance, syntax)
+            if encoded is None:  # not plain UIDs: let pydicom encode (and judge) them
+                meta = DicomBytesIO()
+                meta.write(encoding.PREAMBLE)
+                write_file_meta_info(
+                    meta,
+                    create_file_meta(
+                        sop_class_uid=sop_class,
+                        sop_instance_uid=sop_instance,
+                        transfer_syntax=syntax,
+                    ),
+                )
+                encoded = meta.getvalue()
+            sink.write(encoded)
         except BaseException:
             sink.close()
             sink.path.unlink(missing_ok=True)
@@ -429,6 +438,39 @@ def _p_data(context_id: int, pdv: bytes) -> P_DATA:
     return primitive
 
 
+class EventDIMSE(DIMSEServiceProvider):
+    """DIMSE provider that sends a plain C-STORE Success response from pre-encoded bytes.
+
+    pynetdicom turns each response primitive into a DIMSE message, a pydicom Dataset and its
+    encoding (``send_msg``); for the one response every stored instance gets, the command set
+    is a fixed layout (:func:`encoding.c_store_success`). The bytes still go out as a P-DATA
+    primitive through the DUL and its state machine, exactly as pynetdicom's would. Any other
+    message, or a bound ``EVT_DIMSE_SENT`` handler (which expects pynetdicom's message object),
+    takes pynetdicom's path.
+    """
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if (
+            isinstance(primitive, C_STORE)
+            and primitive.MessageIDBeingRespondedTo is not None
+            and primitive.Status == 0x0000
+            and primitive.ErrorComment is None
+            and primitive.OffendingElement is None
+            and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        ):
+            command = encoding.c_store_success(
+                primitive.MessageIDBeingRespondedTo,
+                primitive.AffectedSOPClassUID,
+                primitive.AffectedSOPInstanceUID,
+            )
+            # One PDV (control header 0x03: command, last fragment) if it fits the peer's PDU.
+            limit = self.maximum_pdu_size
+            if command is not None and (limit == 0 or len(command) + 6 <= limit):
+                self.dul.send_pdu(_p_data(context_id, b"\x03" + command))
+                return
+        super().send_msg(primitive, context_id)
+
+
 class EventAssociation(Association):
     """Acceptor association whose reactor waits for DUL activity instead of sleeping 1 ms."""
 
@@ -508,6 +550,7 @@ def install(assoc: Association, incoming: Path | None = None) -> Association:
         return assoc
     activity = threading.Event()
     assoc.__class__ = EventAssociation
+    assoc.dimse.__class__ = EventDIMSE
     cast(EventAssociation, assoc)._activity = activity
     dul = assoc.dul
     dul.__class__ = EventDUL
@@ -522,6 +565,7 @@ __all__ = [
     "COPIED_FROM",
     "DatasetFile",
     "EventAssociation",
+    "EventDIMSE",
     "EventDUL",
     "FastSocket",
     "IDLE_WAIT",

@@ -15,7 +15,9 @@ rounds interleaved, median taken. Every receiver runs at its largest max PDU:
 * Orthanc, ``MaximumPduLength`` 131072 (stores with ``SyncStorageArea`` fsync + SQLite index).
 
 Only completeness is asserted (every file arrived at every receiver); speed goals are printed:
-goal usfmd >= 2x Orthanc and >= 75% of storescp; must usfmd >= Orthanc.
+goal usfmd >= 2x Orthanc and >= 75% of storescp; must usfmd >= Orthanc. Each round also prints
+the receiver's CPU time per file (its process and children, from /proc): less sensitive than
+files/s to other processes sharing a small machine.
 
 Knobs (environment): USFMD_BENCH_FILES (default 320), USFMD_BENCH_ROUNDS (default 3),
 USFMD_BENCH_ONLY (comma list of usfmd,storescp,orthanc), USFMD_BENCH_BASELINE=<git revision> adds
@@ -205,6 +207,8 @@ class Receiver:
     port: int
     count: Callable[[], int]
     stop: Callable[[], None]
+    #: The receiving process, for its CPU time per file (less sensitive to other load).
+    pid: int
 
 
 def start_usfmd(work: Path, code: Path | None = None) -> Receiver:
@@ -256,7 +260,7 @@ def start_usfmd(work: Path, code: Path | None = None) -> Receiver:
             spy.wait(timeout=60)
         _stop(proc)
 
-    return Receiver("USFMD", port, count, stop)
+    return Receiver("USFMD", port, count, stop, proc.pid)
 
 
 def start_storescp(work: Path) -> Receiver:
@@ -270,7 +274,9 @@ def start_storescp(work: Path) -> Receiver:
         stderr=subprocess.DEVNULL,
     )
     _wait_ready(proc, port, "STORESCP", "storescp")
-    return Receiver("STORESCP", port, lambda: sum(1 for _ in out.iterdir()), lambda: _stop(proc))
+    return Receiver(
+        "STORESCP", port, lambda: sum(1 for _ in out.iterdir()), lambda: _stop(proc), proc.pid
+    )
 
 
 def start_orthanc(work: Path) -> Receiver:
@@ -281,7 +287,7 @@ def start_orthanc(work: Path) -> Receiver:
     def count() -> int:
         return int(peer.rest("GET", "/statistics")["CountInstances"])
 
-    return Receiver("ORTHANC", peer.dicom_port, count, stack.close)
+    return Receiver("ORTHANC", peer.dicom_port, count, stack.close, peer.process.pid)
 
 
 STARTERS: dict[str, Callable[[Path], Receiver]] = {
@@ -323,7 +329,8 @@ def send_all(corpus: Path, receiver: Receiver) -> float:
     return elapsed
 
 
-def one_round(name: str, corpus: Path, work: Path) -> tuple[float, int]:
+def one_round(name: str, corpus: Path, work: Path) -> tuple[float, int, float]:
+    """(seconds, files arrived, receiver CPU seconds) of one transfer to a fresh receiver."""
     target = work / name.replace("@", "-")  # no "@": it would be %-encoded in the SQLite URL
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
@@ -334,12 +341,14 @@ def one_round(name: str, corpus: Path, work: Path) -> tuple[float, int]:
     else:
         receiver = STARTERS[name](target)
     try:
+        ticks = _cpu_ticks(receiver.pid)
         elapsed = send_all(corpus, receiver)
+        cpu = (_cpu_ticks(receiver.pid) - ticks) / os.sysconf("SC_CLK_TCK")
         arrived = receiver.count()
     finally:
         receiver.stop()
         shutil.rmtree(target, ignore_errors=True)
-    return elapsed, arrived
+    return elapsed, arrived, cpu
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -377,28 +386,35 @@ def test_ingest_throughput(corpus: Path, tmp_path: Path) -> None:
         if not Path(tool).exists():
             pytest.skip(f"{tool} missing: apt-get install dcmtk orthanc")
     times: dict[str, list[float]] = {name: [] for name in ONLY}
+    cpus: dict[str, list[float]] = {name: [] for name in ONLY}
     print(
         f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {_cpu_model()}; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
     for round_no in range(1, ROUNDS + 1):
         for name in ONLY:
-            elapsed, arrived = one_round(name, corpus, tmp_path)
+            elapsed, arrived, cpu = one_round(name, corpus, tmp_path)
             print(
                 f"round {round_no} {name:<8} {elapsed:6.2f} s  {N_FILES / elapsed:7.1f} files/s"
-                f"  ({arrived}/{N_FILES} arrived)"
+                f"  CPU {cpu / N_FILES * 1e3:5.2f} ms/file  ({arrived}/{N_FILES} arrived,"
+                f" load {os.getloadavg()[0]:.1f})"
             )
             # The floor that proves the benchmark ran: every file arrived (and, for usfmd,
             # is archived and indexed).
             assert arrived == N_FILES, f"{name}: only {arrived} of {N_FILES} files arrived"
             times[name].append(elapsed)
+            cpus[name].append(cpu)
 
     rate = {name: N_FILES / statistics.median(t) for name, t in times.items()}
     mb = N_FILES * (ROWS * COLUMNS * 3) / 1e6
     print(f"\n== ingest, {N_FILES} files x 1.44 MB, median of {ROUNDS} rounds, storescu 1 assoc")
     for name, r in rate.items():
         rounds = " ".join(f"{N_FILES / t:.1f}" for t in times[name])
-        print(f"{name:<8} {r:7.1f} files/s  {r * mb / N_FILES:6.1f} MB/s  (rounds: {rounds})")
+        cpu_ms = statistics.median(cpus[name]) / N_FILES * 1e3
+        print(
+            f"{name:<8} {r:7.1f} files/s  {r * mb / N_FILES:6.1f} MB/s  receiver CPU"
+            f" {cpu_ms:5.2f} ms/file  (rounds: {rounds})"
+        )
     if {"usfmd", "orthanc", "storescp"} <= rate.keys():
         vs_orthanc = rate["usfmd"] / rate["orthanc"]
         vs_storescp = rate["usfmd"] / rate["storescp"]

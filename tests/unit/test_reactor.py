@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import inspect
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 import pynetdicom
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
@@ -21,7 +22,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from daemon.db.models import Instance
-from daemon.receive import reactor
+from daemon.receive import reactor, status
 
 from helpers import ultrasound_files, wait_for
 
@@ -204,3 +205,79 @@ def test_dataset_file_writes_everything_and_starts_write_back_early(tmp_path: Pa
     assert (tmp_path / "set.dcm").stat().st_mode & 0o777 == 0o600
     with pytest.raises(ValueError, match="closed"):
         sink.write(b"x")
+
+
+def _us_explicit_le() -> Path:
+    return Path(
+        next(
+            p for p in ultrasound_files() if dcmread(p, stop_before_pixels=True).SOPClassUID
+            == US_IMAGE_STORAGE and dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID
+            == "1.2.840.10008.1.2.1"
+        )
+    )  # fmt: skip
+
+
+def test_store_success_goes_out_pre_encoded_and_reads_as_pynetdicom_s(start_daemon, monkeypatch):
+    """The Success response is sent from encoding.c_store_success; a pynetdicom requester decodes
+    the same command set from it as from pynetdicom's own encoding. Failures keep pynetdicom's
+    path (Error Comment and all)."""
+    pre_encoded = []
+    real = reactor.encoding.c_store_success
+
+    def spy(*args: object) -> bytes | None:
+        pre_encoded.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(reactor.encoding, "c_store_success", spy)
+    d = start_daemon()
+    path = _us_explicit_le()
+    sent = dcmread(path)
+    received = []  # the requester's decoded response command sets
+    assoc = _scu().associate(
+        "127.0.0.1",
+        d.server.port,
+        ae_title="USFMD",
+        evt_handlers=[(evt.EVT_DIMSE_RECV, lambda event: received.append(event.message))],
+    )
+    assert assoc.is_established
+    try:
+        assert isinstance(_server_association(d).dimse, reactor.EventDIMSE)
+        assert assoc.send_c_store(path, msg_id=4242).Status == 0x0000
+        command = received[-1].command_set
+        assert command.CommandField == 0x8001 and command.CommandDataSetType == 0x0101
+        assert command.MessageIDBeingRespondedTo == 4242
+        assert command.AffectedSOPInstanceUID == sent.SOPInstanceUID
+        assert command.AffectedSOPClassUID == US_IMAGE_STORAGE
+        assert command.Status == 0x0000 and "ErrorComment" not in command
+        assert pre_encoded == [(4242, US_IMAGE_STORAGE, sent.SOPInstanceUID)]
+        no_pixels = dcmread(path)
+        no_pixels.SOPInstanceUID = no_pixels.SOPInstanceUID + ".9"
+        del no_pixels.PixelData
+        refused = assoc.send_c_store(no_pixels)
+        assert refused.Status == status.STORE_DATA_SET_MISMATCH
+        assert refused.ErrorComment
+        assert len(pre_encoded) == 1  # only Success is pre-encoded
+    finally:
+        assoc.release()
+
+
+def test_a_bound_dimse_sent_handler_gets_pynetdicom_s_message(start_daemon, monkeypatch):
+    """Whoever binds EVT_DIMSE_SENT expects pynetdicom's message object: no pre-encoding then."""
+    pre_encoded = []
+    monkeypatch.setattr(reactor.encoding, "c_store_success", lambda *a: pre_encoded.append(a))
+    d = start_daemon()
+    assoc = _scu().associate("127.0.0.1", d.server.port, ae_title="USFMD")
+    seen: list[str] = []
+    try:
+        served = _server_association(d)
+        served.bind(evt.EVT_DIMSE_SENT, lambda event: seen.append(type(event.message).__name__))
+        assert assoc.send_c_store(_us_explicit_le()).Status == 0x0000
+    finally:
+        assoc.release()
+    assert seen == ["C_STORE_RSP"] and pre_encoded == []
+
+
+def test_server_start_freezes_start_up_objects(start_daemon):
+    """pynetdicom's server forces full collections; start-up objects are kept out of them."""
+    start_daemon()
+    assert gc.get_freeze_count() > 0
