@@ -10,13 +10,14 @@ closed under it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
 
 from daemon.models.cache import LoadedModel
 from daemon.worker.handlers import WorkContext
-from daemon.worker.inference import TaskRun, predictor_for
+from daemon.worker.inference import TaskRun, cam_target, predictor_for
 from pipelines.infer import Batcher, Predictor
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,12 @@ class BatcherPool:
                     else:
                         to_close = entry
                 max_batch = self.max_batch or predictor.preferred_batch
+                # Every pass also keeps the Eigen-CAM layer's activations: the frame a job
+                # reports is explained from the pass that classified it.
                 batcher = Batcher(
-                    predictor.predict,
+                    functools.partial(
+                        predictor.predict_with_activations, target=cam_target(loaded)
+                    ),
                     item_shape=predictor.input_shape,
                     max_batch=max_batch,
                     max_wait_ms=self.max_wait_ms,
@@ -160,4 +165,4 @@ def task_run(ctx: WorkContext, loaded: LoadedModel) -> TaskRun:
     batcher = pool.hold(loaded, predictor)
     ctx.job_exit.callback(pool.release, batcher)
     # Up to two batches in flight: the job decodes the next batch's frames while one runs.
-    return TaskRun(loaded, predictor, batcher, in_flight=2 * batcher.max_batch)
+    return TaskRun(loaded, batcher, in_flight=2 * batcher.max_batch)

@@ -23,8 +23,8 @@ from pydicom.dataset import Dataset
 
 from daemon.models.cache import LoadedModel
 from pipelines.clean import CleanFrame
-from pipelines.explain import CamTarget, to_frame
-from pipelines.infer import Batcher, InstanceResult, Predictor, aggregate
+from pipelines.explain import CamTarget, cam_maps, to_frame
+from pipelines.infer import Batcher, FrameRows, InstanceResult, Predictor, aggregate
 from pipelines.preprocess import preprocess
 from pipelines.report import Algorithm, ImageFinding, SourceImage, build_heatmap_sc, derive_uid
 
@@ -93,14 +93,14 @@ class _Best:
     probability: float
     frame_index: int
     pixels: npt.NDArray[np.uint8]
-    model_input: npt.NDArray[np.float32]
+    #: The Eigen-CAM target layer's output for this frame, from the batched forward pass.
+    activations: npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
 class _InFlight:
     frame: CleanFrame
-    model_input: npt.NDArray[np.float32]
-    probabilities: Future[np.ndarray]
+    rows: Future[FrameRows]
 
 
 @dataclass
@@ -109,11 +109,13 @@ class TaskRun:
 
     Each frame is submitted to ``batcher`` as soon as it is preprocessed; at most ``in_flight``
     frames await their probabilities (then the job waits for the oldest), which bounds the
-    memory one job holds while letting it decode ahead of the model.
+    memory one job holds while letting it decode ahead of the model. The batcher returns each
+    frame's probabilities with its Eigen-CAM activations
+    (:meth:`~pipelines.infer.Predictor.predict_with_activations`): the reported frame is
+    explained from the pass that classified it, with no second forward pass.
     """
 
     loaded: LoadedModel
-    predictor: Predictor
     batcher: Batcher
     in_flight: int = 32
     _waiting: deque[_InFlight] = field(default_factory=deque)
@@ -126,8 +128,7 @@ class TaskRun:
 
     def add(self, frame: CleanFrame) -> None:
         model_input = preprocess(frame.pixels, self.loaded.preprocessing)
-        future = self.batcher.submit(model_input[None])
-        self._waiting.append(_InFlight(frame, model_input, future))
+        self._waiting.append(_InFlight(frame, self.batcher.submit(model_input[None])))
         while len(self._waiting) >= self.in_flight:
             self._settle_oldest()
 
@@ -138,15 +139,16 @@ class TaskRun:
 
     def _settle_oldest(self) -> None:
         waiting = self._waiting.popleft()
-        row = np.asarray(waiting.probabilities.result(), dtype=np.float32)[0]
+        (row,) = waiting.rows.result()
+        probabilities = np.asarray(row["probabilities"], dtype=np.float32)
         index = waiting.frame.meta.frame_index
-        for cls, probability in enumerate(row):
+        for cls, probability in enumerate(probabilities):
             best = self._best.get(cls)
             if best is None or probability > best.probability:
                 self._best[cls] = _Best(
-                    float(probability), index, np.array(waiting.frame.pixels), waiting.model_input
+                    float(probability), index, np.array(waiting.frame.pixels), row["activations"]
                 )
-        self._probabilities.append(row)
+        self._probabilities.append(probabilities)
 
     def result(self, method: str, k: int) -> InstanceResult:
         self.flush()
@@ -161,7 +163,8 @@ class TaskRun:
     def explain(self, class_index: int) -> npt.NDArray[np.float32]:
         """Eigen-CAM of the frame most in favour of ``class_index``, on that frame's own grid."""
         best = self._best[class_index]
-        cam = self.predictor.explain(best.model_input[None], cam_target(self.loaded)).maps[0]
+        size = self.loaded.preprocessing.size
+        cam = cam_maps(best.activations[None], (size, size))[0]
         rows, columns = best.pixels.shape[:2]
         mapping = self.loaded.preprocessing.to_model_grid(rows, columns)
         return to_frame(cam, mapping)
@@ -189,9 +192,7 @@ def algorithm(loaded: LoadedModel) -> Algorithm:
     )
 
 
-def image_finding(
-    loaded: LoadedModel, source: SourceImage, result: InstanceResult
-) -> ImageFinding:
+def image_finding(loaded: LoadedModel, source: SourceImage, result: InstanceResult) -> ImageFinding:
     task = loaded.task
     return ImageFinding(
         source=source,

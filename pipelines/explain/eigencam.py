@@ -2,14 +2,15 @@
 
 Eigen-CAM (Muhammad & Yeasin 2020, arXiv 2008.00299) projects the last block's token activations on
 their first principal component: no gradients, no class target, so it runs under inference mode
-and costs one forward pass plus a small SVD per frame. We use the ``grad-cam`` package's
-``EigenCAM`` with the layer DESIGN.md §3 names — the last block's first LayerNorm (timm
-``blocks[-1].norm1``, open_clip ``transformer.resblocks[-1].ln_1``) — and a reshape that drops
-the prefix tokens (CLS, registers) and lays the patch tokens on their grid (14 × 14 for ViT-B/16,
-16 × 16 for ViT-L/14 at 224 px). CNN baselines (ResNet-50, VGG-19) give a feature map that is
+and needs only the activations of the forward pass that classified the frame, plus a small SVD.
+We capture the output of the layer DESIGN.md §3 names — the last block's first LayerNorm (timm
+``blocks[-1].norm1``, open_clip ``transformer.resblocks[-1].ln_1``) — drop the prefix tokens
+(CLS, registers), lay the patch tokens on their grid (14 × 14 for ViT-B/16, 16 × 16 for ViT-L/14
+at 224 px), then project and scale with the ``grad-cam`` package's own functions, as its
+``EigenCAM`` does (tested against it). CNN baselines (ResNet-50, VGG-19) give a feature map
 already on its grid (``layout="NCHW"``).
 
-An SVD's sign is arbitrary, and ``EigenCAM`` clips negatives, so it can return the complement
+An SVD's sign is arbitrary, and grad-cam clips negatives, so it can return the complement
 of the salient region. We orient each projection so that its larger-magnitude side is positive
 (the sign correction of Seg-Eigen-CAM, Chung & Ying 2025, Eq. 13): the few tokens that stand out
 from the many similar ones are the ones that light up.
@@ -17,15 +18,14 @@ from the many similar ones are the ones that light up.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from pytorch_grad_cam import EigenCAM
 
 #: ``NLD``: tokens as (batch, length, dim), timm and open_clip ≥ 2.24 (batch_first);
 #: ``LND``: (length, batch, dim), older open_clip towers (``transformer.batch_first`` False);
@@ -157,15 +157,70 @@ def open_clip_target(visual: Any) -> CamTarget:
     )
 
 
-class _OrientedEigenCAM(EigenCAM):
-    """grad-cam's EigenCAM with each projection's sign fixed before negatives are clipped."""
+def orient(projections: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Flip each projection (in place) so that its larger-magnitude side is positive."""
+    for projection in projections:
+        if abs(float(projection.min())) > abs(float(projection.max())):
+            np.negative(projection, out=projection)
+    return projections
 
-    def get_cam_image(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        projections = np.asarray(super().get_cam_image(*args, **kwargs), dtype=np.float32)
-        for projection in projections:
-            if abs(float(projection.min())) > abs(float(projection.max())):
-                np.negative(projection, out=projection)
-        return projections
+
+def grid_activations(output: torch.Tensor, target: CamTarget) -> npt.NDArray[np.float32]:
+    """The target layer's output as ``(N, D, rows, columns)`` float32 patch maps on the CPU."""
+    grid = tokens_to_grid(output, target.grid, target.prefix_tokens, target.layout)
+    return np.ascontiguousarray(grid.detach().cpu().numpy(), dtype=np.float32)
+
+
+@contextlib.contextmanager
+def capture_output(layer: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect what ``layer`` outputs during the block; the hook is removed on leaving it."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            seen.append(output.detach())
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def cam_maps(
+    activations: npt.NDArray[np.float32], size: tuple[int, int]
+) -> npt.NDArray[np.float32]:
+    """Eigen-CAM maps from activations already captured in a forward pass.
+
+    Exactly what grad-cam's ``EigenCAM`` does with one target layer (its own projection and
+    scaling functions), plus the sign correction: so a frame can be explained from the
+    activations of the batched pass that classified it, without a second forward pass.
+
+    Parameters
+    ----------
+    activations
+        ``(N, D, rows, columns)`` (:func:`grid_activations`).
+    size
+        ``(height, width)`` of the model input the maps are laid on.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, height, width)`` float32 in [0, 1], each map min-max scaled on its own.
+    """
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    if activations.ndim != 4 or activations.shape[0] < 1:
+        shape = activations.shape
+        raise ValueError(f"activations of shape {shape}: expected (N>=1, D, rows, columns)")
+    projections = orient(np.asarray(get_2d_projection(activations), dtype=np.float32))
+    height, width = size
+    # grad-cam: clip, scale to the input (cv2 takes width, height), average the target layers'
+    # maps (one here) and min-max scale the result again.
+    scaled = scale_cam_image(np.maximum(projections, 0), (width, height))
+    maps = scale_cam_image(np.maximum(scaled, 0))
+    return np.ascontiguousarray(np.clip(maps, 0.0, 1.0), dtype=np.float32)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -184,8 +239,8 @@ def eigen_cam(
     """Eigen-CAM maps for a batch of model inputs, on the model grid.
 
     Runs one forward pass under ``torch.inference_mode`` (bf16 autocast when ``bf16``), on the
-    model's device. The hooks grad-cam places on ``target.layer`` are removed before returning,
-    also when the forward pass fails.
+    model's device. The hook placed on ``target.layer`` is removed before returning, also when
+    the forward pass fails.
 
     Parameters
     ----------
@@ -210,29 +265,28 @@ def eigen_cam(
     if batch.dtype != torch.float32:
         raise ValueError(f"inputs of dtype {batch.dtype}: expected float32")
     device = _device_of(model)
-    reshape: Callable[[torch.Tensor], torch.Tensor] = functools.partial(
-        tokens_to_grid, grid=target.grid, prefix_tokens=target.prefix_tokens, layout=target.layout
-    )
-    cam = _OrientedEigenCAM(model=model, target_layers=[target.layer], reshape_transform=reshape)
-    try:
-        with (
-            torch.inference_mode(),
-            torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16),
-        ):
-            try:
-                # Eigen-CAM ignores targets; an empty list stops grad-cam from taking an argmax
-                # of the logits through numpy, which has no bf16.
-                maps = cam(input_tensor=batch.to(device), targets=[])
-            except (AttributeError, TypeError) as exc:
-                if not cam.activations_and_grads.activations:
-                    name = type(target.layer).__name__
-                    raise ValueError(f"target layer {name} did not run in the forward") from exc
-                raise
-            logits = cam.outputs
-    finally:
-        cam.activations_and_grads.release()
+    with (
+        capture_output(target.layer) as seen,
+        torch.inference_mode(),
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16),
+    ):
+        logits = model(batch.to(device))
     if not isinstance(logits, torch.Tensor):
         raise ValueError(f"the model returned {type(logits).__name__}, expected a tensor")
-    out = np.clip(np.asarray(maps, dtype=np.float32), 0.0, 1.0)
-    flat = logits.detach().float().cpu().reshape(out.shape[0], -1).numpy()
-    return CamResult(maps=np.ascontiguousarray(out), logits=np.ascontiguousarray(flat))
+    activations = grid_activations(layer_output(seen, target), target)
+    maps = cam_maps(activations, (int(batch.shape[2]), int(batch.shape[3])))
+    flat = logits.detach().float().cpu().reshape(maps.shape[0], -1).numpy()
+    return CamResult(maps=maps, logits=np.ascontiguousarray(flat))
+
+
+def layer_output(seen: list[torch.Tensor], target: CamTarget) -> torch.Tensor:
+    """The first output :func:`capture_output` saw (grad-cam reads the first call, too).
+
+    Raises
+    ------
+    ValueError
+        The target layer did not run in the forward pass.
+    """
+    if not seen:
+        raise ValueError(f"target layer {type(target.layer).__name__} did not run in the forward")
+    return seen[0]

@@ -16,14 +16,24 @@ from pipelines.infer.hardware import (
     resolve_bf16,
     select_device,
 )
-from pipelines.infer.predictor import InferenceError, Predictor, Probabilities, probabilities
+from pipelines.infer.predictor import (
+    FRAME_ROW_FIELDS,
+    FrameRows,
+    InferenceError,
+    Predictor,
+    Probabilities,
+    frame_rows,
+    probabilities,
+)
 
 __all__ = [
+    "FRAME_ROW_FIELDS",
     "METHODS",
     "BF16Switch",
     "BatchFunction",
     "Batcher",
     "BatcherStats",
+    "FrameRows",
     "InferenceError",
     "InstanceResult",
     "Method",
@@ -33,6 +43,7 @@ __all__ = [
     "cpu_has_bf16",
     "cpuinfo_has_bf16",
     "device_has_bf16",
+    "frame_rows",
     "probabilities",
     "resolve_bf16",
     "select_device",

@@ -167,10 +167,17 @@ class Predictor:
             raise ValueError(f"inputs of dtype {batch.dtype}: expected float32 (preprocess output)")
         return batch.to(self.device, non_blocking=True)
 
-    def logits(self, inputs: np.ndarray | torch.Tensor) -> npt.NDArray[np.float32]:
-        """Raw model outputs for ``(N, 3, S, S)`` float32 inputs, as float32 on the CPU."""
+    def _forward(
+        self, inputs: np.ndarray | torch.Tensor, target: CamTarget | None = None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
+        """Logits (float32, CPU) and, with ``target``, its layer's activations on the patch grid."""
+        from pipelines.explain.eigencam import capture_output, grid_activations, layer_output
+
         batch = self._as_input(inputs)
-        with self._lock, self.context():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self._lock)
+            seen = None if target is None else stack.enter_context(capture_output(target.layer))
+            stack.enter_context(self.context())
             out = self.model(batch)
         if not isinstance(out, torch.Tensor):
             raise InferenceError(f"the model returned {type(out).__name__}, expected a tensor")
@@ -182,11 +189,39 @@ class Predictor:
                 f"task {self.task.name!r}: the model returned shape {tuple(out.shape)} for "
                 f"{batch.shape[0]} frames, expected ({batch.shape[0]}, {expected})"
             )
-        return np.ascontiguousarray(out.float().cpu().numpy())
+        logits = np.ascontiguousarray(out.float().cpu().numpy())
+        if seen is None or target is None:
+            return logits, None
+        return logits, grid_activations(layer_output(seen, target), target)
+
+    def _forward_capturing(
+        self, inputs: np.ndarray | torch.Tensor, target: CamTarget
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        logits, activations = self._forward(inputs, target)
+        if activations is None:  # pragma: no cover - _forward captures whenever given a target
+            raise InferenceError("no activations were captured")
+        return logits, activations
+
+    def logits(self, inputs: np.ndarray | torch.Tensor) -> npt.NDArray[np.float32]:
+        """Raw model outputs for ``(N, 3, S, S)`` float32 inputs, as float32 on the CPU."""
+        return self._forward(inputs)[0]
 
     def predict(self, inputs: np.ndarray | torch.Tensor) -> Probabilities:
         """Per-frame class probabilities ``(N, len(task.classes))``, in the task's class order."""
         return probabilities(self.logits(inputs), self.task.head)
+
+    def predict_with_activations(
+        self, inputs: np.ndarray | torch.Tensor, target: CamTarget
+    ) -> FrameRows:
+        """Probabilities plus ``target``'s activations, from one forward pass, one row a frame.
+
+        What a frame's later Eigen-CAM needs (:func:`pipelines.explain.cam_maps`), so the
+        reported frame of an instance is explained from the batched pass that classified it.
+        Rows are a structured array (:data:`FRAME_ROW_FIELDS`) so that a
+        :class:`~pipelines.infer.Batcher` can hand each caller its own rows.
+        """
+        logits, activations = self._forward_capturing(inputs, target)
+        return frame_rows(probabilities(logits, self.task.head), activations)
 
     def explain(self, inputs: np.ndarray | torch.Tensor, target: CamTarget) -> CamResult:
         """Eigen-CAM maps (and logits) for ``inputs``, with this predictor's device and precision.
@@ -195,8 +230,34 @@ class Predictor:
         ``probabilities(result.logits, task.head)`` gives the frames' probabilities from the same
         forward pass.
         """
-        from pipelines.explain import eigen_cam  # grad-cam is only imported when explaining
+        from pipelines.explain import CamResult, cam_maps
 
-        batch = self._as_input(inputs)
-        with self._lock:
-            return eigen_cam(self.model, batch, target, bf16=self.bf16)
+        logits, activations = self._forward_capturing(inputs, target)
+        maps = cam_maps(activations, (self.input_size, self.input_size))
+        return CamResult(maps=maps, logits=logits)
+
+
+#: A structured array, one row per frame: ``probabilities`` (classes,) and ``activations``
+#: (D, rows, columns) float32 (:meth:`Predictor.predict_with_activations`).
+FrameRows = npt.NDArray[np.void]
+FRAME_ROW_FIELDS = ("probabilities", "activations")
+
+
+def frame_rows(
+    probabilities: npt.NDArray[np.float32], activations: npt.NDArray[np.float32]
+) -> FrameRows:
+    """Pack per-frame probabilities ``(N, C)`` and activations ``(N, ...)`` into ``N`` rows."""
+    if probabilities.shape[0] != activations.shape[0]:
+        raise ValueError(
+            f"{probabilities.shape[0]} probability rows for {activations.shape[0]} activations"
+        )
+    dtype = np.dtype(
+        [
+            ("probabilities", np.float32, probabilities.shape[1:]),
+            ("activations", np.float32, activations.shape[1:]),
+        ]
+    )
+    rows = np.empty(probabilities.shape[0], dtype=dtype)
+    rows["probabilities"] = probabilities
+    rows["activations"] = activations
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from types import SimpleNamespace
 
@@ -13,13 +14,14 @@ from timm.models.vision_transformer import VisionTransformer
 
 from pipelines.explain import (
     CamTarget,
+    cam_maps,
     eigen_cam,
     open_clip_target,
     timm_vit_target,
     to_frame,
     tokens_to_grid,
 )
-from pipelines.infer import Predictor, probabilities
+from pipelines.infer import FRAME_ROW_FIELDS, Batcher, Predictor, probabilities
 from pipelines.preprocess import FETALCLIP, USF_MAE, GridMapping, preprocess_batch
 from pipelines.tasks import get_task
 
@@ -223,6 +225,64 @@ def test_predictor_explains_with_its_own_settings_beside_concurrent_predictions(
     finally:
         stop.set()
         worker.join(30)
+    assert _hooks(target.layer) == 0
+
+
+def _grad_cam_reference(model: torch.nn.Module, x: torch.Tensor, target: CamTarget) -> np.ndarray:
+    """grad-cam's own EigenCAM class, with the sign correction applied where we apply it."""
+    from pytorch_grad_cam import EigenCAM
+
+    class Oriented(EigenCAM):  # type: ignore[misc]
+        def get_cam_image(self, *args: object, **kwargs: object) -> np.ndarray:
+            projections = np.asarray(super().get_cam_image(*args, **kwargs), dtype=np.float32)
+            for projection in projections:
+                if abs(float(projection.min())) > abs(float(projection.max())):
+                    np.negative(projection, out=projection)
+            return projections
+
+    reshape = functools.partial(
+        tokens_to_grid, grid=target.grid, prefix_tokens=target.prefix_tokens, layout=target.layout
+    )
+    cam = Oriented(model=model, target_layers=[target.layer], reshape_transform=reshape)
+    try:
+        with torch.inference_mode():
+            return np.asarray(cam(input_tensor=x, targets=[]), dtype=np.float32)
+    finally:
+        cam.activations_and_grads.release()
+
+
+def test_maps_equal_grad_cams_eigen_cam() -> None:
+    """Our capture + grad-cam's projection and scaling = grad-cam's EigenCAM class, on frames
+    with no planted structure (random inputs: every SVD sign and scaling path is exercised)."""
+    model = _timm_vit()
+    target = timm_vit_target(model)
+    x = torch.as_tensor(
+        np.random.default_rng(1).normal(0, 1, (3, 3, 224, 224)), dtype=torch.float32
+    )
+    ours = eigen_cam(model, x, target).maps
+    np.testing.assert_allclose(
+        ours, np.clip(_grad_cam_reference(model, x, target), 0, 1), atol=1e-5
+    )
+
+
+def test_batched_activations_explain_each_frame_as_a_pass_of_its_own() -> None:
+    """The daemon's path: probabilities and activations of frames from two callers share one
+    batch; each frame's map from its row equals explaining it alone."""
+    predictor = Predictor(_timm_vit(), get_task("ventriculomegaly"), device="cpu", bf16="off")
+    predictor.model.head = torch.nn.Linear(64, 2)
+    target = timm_vit_target(predictor.model)
+    x = _hot_inputs().numpy()
+    fn = functools.partial(predictor.predict_with_activations, target=target)
+    with Batcher(fn, item_shape=(3, 224, 224), max_batch=2, max_wait_ms=2000) as batcher:
+        first, second = batcher.submit(x[:1]), batcher.submit(x[1:])
+        rows = np.concatenate([first.result(30), second.result(30)])
+        assert batcher.stats.batches == 1
+    assert rows.dtype.names == FRAME_ROW_FIELDS
+    alone = predictor.explain(x, target)
+    np.testing.assert_allclose(rows["probabilities"], predictor.predict(x), atol=1e-5)
+    np.testing.assert_allclose(cam_maps(rows["activations"], (224, 224)), alone.maps, atol=1e-5)
+    with pytest.raises(ValueError, match="expected"):
+        cam_maps(rows["activations"][0], (224, 224))
     assert _hooks(target.layer) == 0
 
 

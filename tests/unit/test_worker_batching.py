@@ -109,7 +109,7 @@ def test_concurrent_jobs_frames_share_one_forward_pass(loaded: LoadedModel) -> N
     def job(index: int) -> None:
         batcher = pool.hold(loaded, predictor_for(loaded))
         try:
-            run = TaskRun(loaded, predictor_for(loaded), batcher)
+            run = TaskRun(loaded, batcher)
             start.wait()
             for frame in instances[index]:
                 run.add(frame)
@@ -134,7 +134,7 @@ def test_a_cine_through_the_batcher_equals_direct_prediction(loaded: LoadedModel
     frames = _clean(200, frames=5)
     with_pool = BatcherPool(max_batch=2, max_wait_ms=1)
     batcher = with_pool.hold(loaded, predictor_for(loaded))
-    run = TaskRun(loaded, predictor_for(loaded), batcher, in_flight=3)
+    run = TaskRun(loaded, batcher, in_flight=3)
     for frame in frames:
         run.add(frame)
         assert len(run._waiting) < 3
@@ -165,9 +165,9 @@ def test_a_new_version_gets_a_new_batcher_and_the_old_one_serves_its_holders(
     new = pool.hold(newer, predictor_for(newer))
     assert new is not old and pool.batchers() == {"heart_view": new}
     frame = preprocess(_clean(300)[0].pixels, loaded.preprocessing)[None]
-    assert old(frame, timeout=30).shape == (1, 5)  # retired, still serving its two holders
+    assert old(frame, timeout=30)["probabilities"].shape == (1, 5)  # retired, still serving
     pool.release(old)
-    assert old(frame, timeout=30).shape == (1, 5)
+    assert old(frame, timeout=30)["probabilities"].shape == (1, 5)
     pool.release(old)  # the last holder: closed
     with pytest.raises(RuntimeError, match="closed"):
         old.submit(frame)
