@@ -81,16 +81,24 @@ def claim(
     kinds: Sequence[str] | None = None,
     limit: int = 1,
 ) -> list[ClaimedJob]:
-    """Claim up to ``limit`` due jobs (oldest first), including ones whose lease expired."""
+    """Claim up to ``limit`` due jobs (oldest first), including ones whose lease expired.
+
+    An idle worker polls often; a read-only look (index ``ix_jobs_state_not_before``) first
+    keeps those polls from taking the write lock — on SQLite the receiver's too — and from
+    running the claim's two updates when nothing is due.
+    """
+    due = or_(
+        and_(Job.state.in_(CLAIMABLE), Job.not_before <= now),
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+    )
+    if kinds:
+        due = and_(due, Job.kind.in_(list(kinds)))
+    with db.read() as session:
+        if session.execute(select(Job.id).where(due).limit(1)).first() is None:
+            return []
     with db.write() as session:
         dead_letter_expired(session, now, max_attempts)
-        due = or_(
-            and_(Job.state.in_(CLAIMABLE), Job.not_before <= now),
-            and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
-        )
         candidates = select(Job.id).where(due).order_by(Job.id).limit(limit)
-        if kinds:
-            candidates = candidates.where(Job.kind.in_(list(kinds)))
         if not db.is_sqlite:
             candidates = candidates.with_for_update(skip_locked=True)
         rows = session.execute(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -159,3 +160,27 @@ def test_enqueue_once_by_key(db: Database) -> None:
     with db.read() as session:
         keys = session.scalars(select(Job.dedup_key).order_by(Job.id)).all()
     assert keys == ["report:1:2:abc", "report:1:2:def"]
+
+
+def test_a_poll_with_nothing_due_takes_no_write_lock(db: Database) -> None:
+    """Idle workers poll often: with no job due, a claim only reads, so a writer holding the
+    lock (on SQLite: the receiver indexing an instance) is neither blocked nor blocks it."""
+    add(db, 1, at=T0 + timedelta(seconds=60))  # queued, not yet due
+    holder = db.engine.connect()
+    try:
+        if db.is_sqlite:
+            holder.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            holder.exec_driver_sql("BEGIN")
+            holder.exec_driver_sql("LOCK TABLE jobs IN EXCLUSIVE MODE")  # reads still pass
+        claimed: list[list[queue.ClaimedJob]] = []
+        poll = threading.Thread(target=lambda: claimed.append(queue.claim(db, "w", T0, LEASE, 5)))
+        poll.start()
+        poll.join(5)
+        assert not poll.is_alive(), "the idle poll waited for the write lock"
+        assert claimed == [[]]
+    finally:
+        holder.rollback()
+        holder.close()
+    # Once due, the same call claims it.
+    assert len(queue.claim(db, "w", T0 + timedelta(seconds=61), LEASE, 5)) == 1
