@@ -32,13 +32,16 @@ Asserted: every result arrived, one SR and one heatmap per study, SRs name the s
 Knobs: USFMD_BENCH_E2E_MODEL (``vit-b16`` | ``tiny``), USFMD_BENCH_E2E_CINES (4),
 USFMD_BENCH_E2E_FRAMES (25), USFMD_BENCH_E2E_LATENCY (5), USFMD_BENCH_E2E_WORKERS (2),
 USFMD_BENCH_E2E_JOBS (queue.jobs_per_worker, 4), USFMD_BENCH_E2E_THREADS (OMP_NUM_THREADS of the
-worker processes; default: usfmd's own, 1 per process), USFMD_BENCH_E2E_STABLE (0.5 s).
+worker processes; default: usfmd's own, 1 per process), USFMD_BENCH_E2E_STABLE (0.5 s),
+USFMD_BENCH_E2E_PROFILE (a file: py-spy's collapsed on-CPU stacks of the daemon's processes
+during the throughput phase; needs ``py-spy`` on PATH).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -78,6 +81,7 @@ WORKERS = int(os.environ.get("USFMD_BENCH_E2E_WORKERS", "2"))
 JOBS = int(os.environ.get("USFMD_BENCH_E2E_JOBS", "4"))
 THREADS = os.environ.get("USFMD_BENCH_E2E_THREADS")
 STABLE = float(os.environ.get("USFMD_BENCH_E2E_STABLE", "0.5"))
+PROFILE = os.environ.get("USFMD_BENCH_E2E_PROFILE")
 ALGORITHM = "usfmd synthetic benchmark model, random weights"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -153,6 +157,26 @@ def _serve(env: dict[str, str], log: Path, port: int) -> Iterator[subprocess.Pop
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def _profiled(pid: int) -> Iterator[None]:
+    """With USFMD_BENCH_E2E_PROFILE=<file>: py-spy samples the daemon and its worker processes
+    (on-CPU stacks, collapsed format) while the block runs."""
+    if not PROFILE:
+        yield
+        return
+    spy = subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--subprocesses", "--format", "raw"]
+        + ["--rate", "50", "--output", PROFILE],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        spy.wait(timeout=60)
 
 
 def _send(port: int, files: list[Path]) -> float:
@@ -242,7 +266,7 @@ def test_end_to_end_throughput_and_latency(tmp_path: Path) -> None:
             )
             session.flush()
             activate(session, version.id, allow_synthetic=True)
-        with _serve(env, tmp_path / "serve.log", port):
+        with _serve(env, tmp_path / "serve.log", port) as serve:
             # Warm-up: every worker process loads the model (hash + load), not timed.
             expected = 0
             for round_ in range(3):
@@ -254,11 +278,12 @@ def test_end_to_end_throughput_and_latency(tmp_path: Path) -> None:
                     break
 
             # Throughput: the cines in one association, until every heatmap and SR is held.
-            start = time.monotonic()
-            sent = _send(port, cines)
-            expected += 2 * CINES
-            wait_for(lambda: _held(pacs) >= expected, 3600, "the cines' results at Orthanc")
-            elapsed = time.monotonic() - start
+            with _profiled(serve.pid):
+                start = time.monotonic()
+                sent = _send(port, cines)
+                expected += 2 * CINES
+                wait_for(lambda: _held(pacs) >= expected, 3600, "the cines' results at Orthanc")
+                elapsed = time.monotonic() - start
 
             # Latency: one-frame studies one at a time, C-STORE done → SR listed at Orthanc.
             latencies = []

@@ -24,7 +24,8 @@ One run, on the device :func:`pipelines.infer.select_device` picks (CUDA when pr
 
 Modes: ``fp32``; ``bf16-autocast`` (``torch.autocast``, fp32 weights); ``bf16`` (weights and
 inputs cast to bf16); optional ``int8`` (``torch.ao`` dynamic quantisation of the Linear layers,
-AVX-512 VNNI) and ``fp32-compile`` (``torch.compile``).
+AVX-512 VNNI), ``fp32-compile`` and ``bf16-compile`` (``torch.compile``, inductor with weight
+freezing; the second under bf16 autocast).
 
 Knobs (environment): USFMD_BENCH_INFER_FRAMES (default 1000), USFMD_BENCH_INFER_BATCH (32),
 USFMD_BENCH_INFER_THREADS (2; CPU only), USFMD_BENCH_INFER_MODES (fp32,bf16-autocast,bf16),
@@ -171,11 +172,16 @@ def build_mode(name: str, model: Any, device: torch.device) -> Mode:
                 copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8
             )
         return Mode(name, quantised, torch.float32, False)
-    if name == "fp32-compile":
+    if name in ("fp32-compile", "bf16-compile"):
         compiled: Any = copy.deepcopy(model)
+        # Freezing folds the weights into the graph as constants, which lets inductor hand
+        # Linear(+GELU) to oneDNN with pre-packed (bf16) weights instead of casting them per call.
+        from torch._inductor import config as inductor_config
+
+        inductor_config.freezing = True
         # forward() calls self.forward_features, so compiling that covers the timed path too.
         compiled.forward_features = torch.compile(compiled.forward_features)
-        return Mode(name, compiled, torch.float32, False)
+        return Mode(name, compiled, torch.float32, name == "bf16-compile")
     raise ValueError(f"unknown mode {name!r}")
 
 
