@@ -355,6 +355,10 @@ class InpaintSettings(_Section):
     #: behaviour before the setting, which model files without it were trained with): the
     #: exact rules, which miss most white text and ticks on JPEG frames.
     lossy_tolerance: int | None = Field(default=6, ge=0, le=255)
+    #: Also find caliper crosses by their shape ('+' with arms at least this long, at most
+    #: max_stroke_width thick, one level), which finds them on bright bone too. None (the
+    #: behaviour before the setting, which model files without it keep): no cross rule.
+    caliper_arm: int | None = Field(default=4, ge=1, le=50)
 
     @model_validator(mode="after")
     def _consistent(self) -> InpaintSettings:
@@ -366,6 +370,11 @@ class InpaintSettings(_Section):
             raise ValueError(
                 f"saturation_floor ({self.saturation_floor}) must not exceed "
                 f"saturation_ceiling ({self.saturation_ceiling})"
+            )
+        if self.caliper_arm is not None and self.caliper_arm < self.max_stroke_width:
+            raise ValueError(
+                f"caliper_arm ({self.caliper_arm}) must be at least "
+                f"max_stroke_width ({self.max_stroke_width})"
             )
         return self
 

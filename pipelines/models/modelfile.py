@@ -260,7 +260,7 @@ def inpaint_record(params: InpaintParams | None) -> dict[str, Any] | None:
 
 #: Inpaint settings added after model files began recording them, with the value that gives
 #: the behaviour from before: what a file lacking one was trained and validated with.
-INPAINT_BEFORE_RECORDED: dict[str, Any] = {"lossy_tolerance": None}
+INPAINT_BEFORE_RECORDED: dict[str, Any] = {"lossy_tolerance": None, "caliper_arm": None}
 
 
 def parse_inpaint(record: Any) -> InpaintParams | None:

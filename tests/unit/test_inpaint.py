@@ -4,6 +4,7 @@ everything outside the mask is bit-identical, and the filled pixels resemble the
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from pipelines.inpaint import (
     fill_navier_stokes,
     inpaint,
 )
+from pipelines.inpaint.calipers import caliper_crosses, cross_kernel
 from pipelines.inpaint.core import _anchored_groups, _dot_chains, _group_levels, _towering
 from pipelines.inpaint.fill import clusters
 from pipelines.inpaint.median import LocalMedian, brighter_than_median
@@ -53,25 +55,37 @@ def _dilate(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), np.ones((size, size), np.uint8)) > 0
 
 
+def _recalls(sample: PhantomSample, mask: np.ndarray) -> tuple[float, ...]:
+    """Recall over all planted pixels, over those the overlay visibly changed, and off bone."""
+    planted = sample.annotation_mask
+    changed = np.abs(sample.annotated.astype(np.int16) - sample.clean.astype(np.int16))
+    visible = planted & (changed.max(axis=2) > 2)
+    off_bone = planted & ~_dilate(sample.bone_mask, 5)
+    return tuple(float((mask & part).sum() / part.sum()) for part in (planted, visible, off_bone))
+
+
 @pytest.mark.parametrize(("seed", "kind", "style"), CASES)
 def test_planted_marks_are_found_and_filled(seed: int, kind: Any, style: Any) -> None:
+    """Recall ≥ 0.98 over every planted pixel, grey (white / pale-yellow) style included.
+
+    Grey-style calipers on the skull were the hard part: the bone is bright enough that a white
+    cross no longer stands out from its neighbourhood's median, so the stroke rules miss it and
+    recall stopped at ~0.96; the cross rule (``InpaintParams.caliper_arm``) finds them by shape.
+    Also printed: recall over the planted pixels the overlay visibly changed (by more than 2 grey
+    levels; a white arm on saturated bone changes nothing and needs no filling) and off bone.
+    """
     sample = _sample(seed, kind, style)
     out, mask = inpaint(sample.annotated)
     planted = sample.annotation_mask
-    # A white caliper on saturated bone is the bone's own colour: nothing can find it, nothing
-    # needs filling there. Recall is scored on marks off the skull and spine.
-    off_bone = planted & ~_dilate(sample.bone_mask, 5)
-    recall = (mask & planted).sum() / planted.sum()
-    recall_off_bone = (mask & off_bone).sum() / off_bone.sum()
+    recall, recall_visible, recall_off_bone = _recalls(sample, mask)
     psnr_before = _psnr(sample.annotated[planted], sample.clean[planted])
     psnr_after = _psnr(out[planted], sample.clean[planted])
     print(
-        f"{kind}/{style} seed {seed}: recall {recall:.4f} (off bone {recall_off_bone:.4f}), "
-        f"PSNR on marks {psnr_before:.1f} -> {psnr_after:.1f} dB, mask {mask.sum()} px"
+        f"{kind}/{style} seed {seed}: recall {recall:.4f} (visibly changed {recall_visible:.4f}, "
+        f"off bone {recall_off_bone:.4f}), PSNR on marks {psnr_before:.1f} -> {psnr_after:.1f} "
+        f"dB, mask {mask.sum()} px"
     )
-    assert recall_off_bone >= 0.98
-    if style == "colour":
-        assert recall >= 0.98
+    assert recall >= 0.98
     assert psnr_after >= 20.0 and psnr_after > psnr_before + 15
     # Only masked pixels change, bit for bit.
     assert np.array_equal(out[~mask], sample.annotated[~mask])
@@ -99,6 +113,8 @@ def _jpeg_frame(sample: PhantomSample, quality: int = 95) -> np.ndarray:
 def test_planted_marks_are_found_on_jpeg_frames(seed: int, kind: Any, style: Any) -> None:
     """JPEG q95 (what most scanners send): the same recall, precision and fill as uncompressed.
 
+    Recall ≥ 0.98 over every planted pixel, as for uncompressed frames (see there).
+
     JPEG leaves no stroke one exact colour (a 235 glyph spreads over ~229–241, 4:2:2 halves the
     chroma of uprights); with the exact rules the white read-outs and depth ticks, 40–60 % of
     the planted pixels, are all missed.
@@ -107,21 +123,18 @@ def test_planted_marks_are_found_on_jpeg_frames(seed: int, kind: Any, style: Any
     frame = _jpeg_frame(sample)
     out, mask = inpaint(frame, JPEG_PARAMS, lossy=True)
     planted = sample.annotation_mask
-    off_bone = planted & ~_dilate(sample.bone_mask, 5)
-    recall = (mask & planted).sum() / planted.sum()
-    recall_off_bone = (mask & off_bone).sum() / off_bone.sum()
+    recall, recall_visible, recall_off_bone = _recalls(sample, mask)
     psnr_before = _psnr(frame[planted], sample.clean[planted])
     psnr_after = _psnr(out[planted], sample.clean[planted])
     far = ~_dilate(planted, 15)
     fp_bone, fp_tissue = (mask & far & sample.bone_mask).sum(), (mask & far & sample.fan_mask).sum()
     print(
-        f"jpeg {kind}/{style} seed {seed}: recall {recall:.4f} (off bone {recall_off_bone:.4f}), "
-        f"PSNR on marks {psnr_before:.1f} -> {psnr_after:.1f} dB, mask {mask.sum()} px, "
-        f"far from marks: {fp_bone} px on bone, {fp_tissue} px in the sector"
+        f"jpeg {kind}/{style} seed {seed}: recall {recall:.4f} (visibly changed "
+        f"{recall_visible:.4f}, off bone {recall_off_bone:.4f}), PSNR on marks {psnr_before:.1f} "
+        f"-> {psnr_after:.1f} dB, mask {mask.sum()} px, far from marks: {fp_bone} px on bone, "
+        f"{fp_tissue} px in the sector"
     )
-    assert recall_off_bone >= 0.98
-    if style == "colour":
-        assert recall >= 0.98
+    assert recall >= 0.98
     assert psnr_after >= 20.0 and psnr_after > psnr_before + 15
     assert np.array_equal(out[~mask], frame[~mask])
     assert fp_bone <= 0.01 * sample.bone_mask.sum()
@@ -203,6 +216,106 @@ def test_bright_bone_like_ellipse_is_not_masked_but_a_cross_beside_it_is() -> No
     assert mask[cross > 0].all()
 
 
+def _bone_with_crosses() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Speckled bright bone (a skull band) under a 1-pixel and a 2-pixel white '+', arms 5."""
+    rng = np.random.default_rng(1)
+    tissue = cv2.GaussianBlur(rng.normal(90, 30, (200, 300)).clip(0, 255), (0, 0), 1.0)
+    speckle = cv2.GaussianBlur(rng.normal(225, 45, (200, 300)), (0, 0), 0.7).clip(0, 255)
+    bone = np.zeros((200, 300), np.uint8)
+    cv2.ellipse(bone, (150, 260), (200, 170), 0, 180, 360, 1, 24)  # a thick bright arc
+    frame = np.repeat(np.where(bone > 0, speckle, tissue).astype(np.uint8)[..., None], 3, axis=2)
+    cross = np.zeros((200, 300), np.uint8)
+    for (x, y), thickness in ((110, 92), 1), ((190, 92), 2):
+        for image, value in ((frame, (255, 255, 255)), (cross, 1)):
+            cv2.rectangle(image, (x - 5, y), (x + 5, y + thickness - 1), value, -1)
+            cv2.rectangle(image, (x, y - 5), (x + thickness - 1, y + 5), value, -1)
+    return frame, bone > 0, cross > 0
+
+
+def test_caliper_crosses_on_bright_bone_are_found_by_shape() -> None:
+    frame, bone, cross = _bone_with_crosses()
+    assert bone[cross].mean() > 0.9  # the crosses lie on the bone
+    without = annotation_mask(frame, InpaintParams(caliper_arm=None))
+    assert without[cross].mean() < 0.5, "the stroke rules alone see these crosses: no test"
+    mask = annotation_mask(frame)
+    assert mask[cross].all()
+    assert (mask & bone & ~_dilate(cross, 7)).sum() == 0  # the speckled bone stays
+    # JPEG q95 (through the job's own lossy rules): still found, bone still kept.
+    encoded = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+    jpeg = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR))
+    lossy = annotation_mask(jpeg, JPEG_PARAMS, lossy=True)
+    assert lossy[cross].all()
+    assert (lossy & bone & ~_dilate(cross, 7)).sum() == 0
+
+
+def test_caliper_crosses_leave_bone_and_tissue_of_clean_phantoms_alone() -> None:
+    """Flat '+' shapes that bone and speckle form by themselves fail the thinness test."""
+    for seed in range(8):
+        sample = make_phantom(seed, "head" if seed % 2 else "heart", heart_view="other")
+        bright = np.ascontiguousarray(sample.clean.max(axis=2))
+        assert not caliper_crosses(bright, 4, 190, 2).any(), seed
+        jpeg = _jpeg_frame(replace(sample, annotated=sample.clean)).max(axis=2)
+        assert not caliper_crosses(np.ascontiguousarray(jpeg), 4, 190, 2, 6).any(), seed
+
+
+def _crosses_reference(
+    bright: np.ndarray, arm: int, threshold: int, width: int, tolerance: int
+) -> np.ndarray:
+    """:func:`caliper_crosses` spelled out: whole-frame erosion and dilation, loops per centre."""
+    kernel = cross_kernel(arm)
+    low, high = cv2.erode(bright, kernel), cv2.dilate(bright, kernel)
+    height, frame_width = bright.shape
+    reach = 2 * arm
+    out = np.zeros(bright.shape, np.uint8)
+    plane = bright.astype(int)
+    for y, x in np.argwhere((low >= threshold) & (high.astype(int) - low <= 2 * tolerance)):
+        if not (reach <= y < height - reach and reach <= x < frame_width - reach):
+            continue
+        level = int(low[y, x])
+        thin = []
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            ny, nx = abs(dx), abs(dy)  # across the arm
+            for k in range(width, arm + 1):
+                cy, cx = y + dy * k, x + dx * k
+                run = 1
+                for sign in (1, -1):
+                    o = 1
+                    while o <= width + 1 and plane[cy + sign * ny * o, cx + sign * nx * o] >= (
+                        level - tolerance
+                    ):
+                        run, o = run + 1, o + 1
+                thin.append(run <= width)
+        if np.mean(thin) < 0.5:
+            continue
+        out[y, x] = 1
+        for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+            for k in range(1, reach + 1):
+                value = plane[y + dy * k, x + dx * k]
+                if k > arm and not level - tolerance <= value <= level + 2 * tolerance:
+                    break
+                out[y + dy * k, x + dx * k] = 1
+    return out
+
+
+def test_caliper_crosses_equal_the_spelled_out_rule(
+    exactness_frames: list[tuple[str, np.ndarray]],
+) -> None:
+    frame, _, _ = _bone_with_crosses()
+    frames = [("bone", frame), *exactness_frames]
+    found = 0
+    for name, image in frames:
+        bright = np.ascontiguousarray(image.max(axis=2))
+        for width, tolerance in ((2, 0), (1, 0), (2, 6)):
+            expected = _crosses_reference(bright, 4, 190, width, tolerance)
+            assert np.array_equal(caliper_crosses(bright, 4, 190, width, tolerance), expected), (
+                name,
+                width,
+                tolerance,
+            )
+            found += int(expected.sum())
+    assert found > 0, "no cross among the frames: the comparison proves nothing"
+
+
 def test_colour_flow_can_be_kept_for_doppler_tasks() -> None:
     sample = make_phantom(31, "heart", heart_view="x_sign", phi=False)
     flow = sample.flow_mask
@@ -227,6 +340,11 @@ def test_grey_input_and_parameter_checks() -> None:
         InpaintParams(saturation_floor=200, saturation_ceiling=100)
     with pytest.raises(ValueError, match="lossy_tolerance"):
         InpaintParams(lossy_tolerance=-1)
+    with pytest.raises(ValueError, match="caliper_arm"):
+        InpaintParams(caliper_arm=1)  # shorter than a stroke is thick
+    with pytest.raises(ValueError, match="width"):
+        caliper_crosses(np.zeros((50, 50), np.uint8), 1, 190, 2)
+    assert not caliper_crosses(np.full((12, 12), 255, np.uint8), 4, 190, 2).any()  # too small
     with pytest.raises(ValueError, match="channels"):
         inpaint(np.zeros((10, 10, 4), np.uint8))
 

@@ -181,6 +181,11 @@ def test_inpaint_settings_travel_with_the_model(tmp_path: Path) -> None:
     torch.save(payload, tmp_path / "pre-jpeg.pt")
     pre_jpeg = read_model_info(tmp_path / "pre-jpeg.pt").inpaint
     assert pre_jpeg is not None and pre_jpeg.lossy_tolerance is None
+    assert InpaintParams().caliper_arm == 4 and pre_jpeg.caliper_arm == trained.caliper_arm
+    del payload["inpaint"]["caliper_arm"]  # ...nor the cross rule, added later still
+    torch.save(payload, tmp_path / "pre-calipers.pt")
+    pre_calipers = read_model_info(tmp_path / "pre-calipers.pt").inpaint
+    assert pre_calipers is not None and pre_calipers.caliper_arm is None
 
     payload = torch.load(path, weights_only=True)
     payload["format_version"] = 1
