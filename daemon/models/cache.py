@@ -54,7 +54,8 @@ class VersionRef:
 class LoadedModel:
     """An active version, loaded and ready: the model (eval mode, LoRA merged) and its facts.
 
-    ``bf16`` says whether inference should autocast to bf16 on ``device``; ``inpaint`` is how
+    ``bf16`` says whether inference should autocast to bf16 on ``device``, ``compiled`` whether
+    it runs through ``torch.compile`` (``models.compile``); ``inpaint`` is how
     the model's training images were inpainted (``None``: not recorded, use the daemon's).
     """
 
@@ -65,6 +66,7 @@ class LoadedModel:
     device: torch.device
     bf16: bool
     inpaint: InpaintParams | None = None
+    compiled: bool = False
 
     @property
     def card(self) -> EncoderCard:
@@ -91,8 +93,8 @@ class ModelCache:
         ``<data_dir>/models``, where the registry keeps the files.
     reload_seconds
         Longest time before a newly activated version is noticed.
-    device, bf16
-        ``models.device`` and ``models.bf16`` settings.
+    device, bf16, compiled
+        ``models.device``, ``models.bf16`` and ``models.compile`` settings.
     clock
         Monotonic seconds (tests pass a fake one).
     """
@@ -105,6 +107,7 @@ class ModelCache:
         reload_seconds: float = 10.0,
         device: str = "auto",
         bf16: bool | str = "auto",
+        compiled: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._db = db
@@ -112,6 +115,7 @@ class ModelCache:
         self._reload = reload_seconds
         self._device = resolve_device(device)
         self._bf16 = resolve_bf16(bf16, self._device)
+        self._compiled = compiled
         self._clock = clock
         self._slots: dict[str, _Slot] = {}
         self._lock = threading.Lock()
@@ -124,6 +128,7 @@ class ModelCache:
             reload_seconds=settings.models.reload_seconds,
             device=settings.models.device,
             bf16=settings.models.bf16,
+            compiled=settings.models.compile,
         )
 
     @property
@@ -238,5 +243,6 @@ class ModelCache:
             preprocessing=info.preprocessing,
             device=self._device,
             bf16=self._bf16,
+            compiled=self._compiled,
             inpaint=info.inpaint,
         )

@@ -10,14 +10,13 @@ closed under it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from dataclasses import dataclass
 
 from daemon.models.cache import LoadedModel
 from daemon.worker.handlers import WorkContext
-from daemon.worker.inference import TaskRun, cam_target, predictor_for
+from daemon.worker.inference import TaskRun, predictor_for
 from pipelines.infer import Batcher, Predictor
 
 log = logging.getLogger(__name__)
@@ -76,12 +75,11 @@ class BatcherPool:
                     else:
                         to_close = entry
                 max_batch = self.max_batch or predictor.preferred_batch
-                # Every pass also keeps the Eigen-CAM layer's activations: the frame a job
-                # reports is explained from the pass that classified it.
+                # Every pass also keeps the Eigen-CAM layer's activations (the predictor's
+                # cam_target): a job's reported frame is explained from the pass that
+                # classified it.
                 batcher = Batcher(
-                    functools.partial(
-                        predictor.predict_with_activations, target=cam_target(loaded)
-                    ),
+                    predictor.predict_with_activations,
                     item_shape=predictor.input_shape,
                     max_batch=max_batch,
                     max_wait_ms=self.max_wait_ms,

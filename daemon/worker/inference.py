@@ -52,7 +52,10 @@ def predictor_for(loaded: LoadedModel) -> Predictor:
             device=loaded.device,
             bf16="on" if loaded.bf16 else "off",
             input_size=loaded.preprocessing.size,
+            cam_target=cam_target(loaded),
+            compiled=loaded.compiled,
         )
+        predictor.warm_up()
         _predictors[loaded.task.name] = (loaded.ref.id, predictor)
         return predictor
 

@@ -33,6 +33,7 @@ Knobs: USFMD_BENCH_E2E_MODEL (``vit-b16`` | ``tiny``), USFMD_BENCH_E2E_CINES (4)
 USFMD_BENCH_E2E_FRAMES (25), USFMD_BENCH_E2E_LATENCY (5), USFMD_BENCH_E2E_WORKERS (2),
 USFMD_BENCH_E2E_JOBS (queue.jobs_per_worker, 4), USFMD_BENCH_E2E_THREADS (OMP_NUM_THREADS of the
 worker processes; default: usfmd's own, 1 per process), USFMD_BENCH_E2E_STABLE (0.5 s),
+USFMD_BENCH_E2E_COMPILE (1: ``models.compile`` on, and the model-only figure compiled too),
 USFMD_BENCH_E2E_PROFILE (a file: py-spy's collapsed on-CPU stacks of the daemon's processes
 during the throughput phase; needs ``py-spy`` on PATH).
 """
@@ -82,6 +83,7 @@ JOBS = int(os.environ.get("USFMD_BENCH_E2E_JOBS", "4"))
 THREADS = os.environ.get("USFMD_BENCH_E2E_THREADS")
 STABLE = float(os.environ.get("USFMD_BENCH_E2E_STABLE", "0.5"))
 PROFILE = os.environ.get("USFMD_BENCH_E2E_PROFILE")
+COMPILE = os.environ.get("USFMD_BENCH_E2E_COMPILE", "0") == "1"
 ALGORITHM = "usfmd synthetic benchmark model, random weights"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
@@ -111,6 +113,7 @@ def _settings(data: Path, port: int, pacs: Orthanc) -> tuple[Settings, dict[str,
         "QUEUE__JOBS_PER_WORKER": str(JOBS),
         "QUEUE__POLL_SECONDS": "0.05",
         "MODELS__DEVICE": "cpu" if not torch.cuda.is_available() else "auto",
+        "MODELS__COMPILE": "true" if COMPILE else "false",
         "ANALYSIS__ROUTES": '[{"task": "heart_view", "match": {"Modality": "US"}}]',
         "DISPATCH__POLL_SECONDS": "0.05",
         "DISPATCH__DESTINATIONS": (
@@ -212,8 +215,13 @@ def _model_only(path: Path, inputs: np.ndarray) -> float:
     """Frames/s of the model file alone on preprocessed frames, preferred batch, all cores."""
     loaded = load_model_file(path, device="cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(
-        loaded.model, loaded.info.task, bf16="auto", input_size=loaded.info.preprocessing.size
+        loaded.model,
+        loaded.info.task,
+        bf16="auto",
+        input_size=loaded.info.preprocessing.size,
+        compiled=COMPILE,
     )
+    predictor.warm_up()
     batch = predictor.preferred_batch
     predictor.predict(inputs[:batch])  # warm-up
     if predictor.device.type == "cuda":
