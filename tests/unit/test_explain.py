@@ -16,6 +16,7 @@ from pipelines.explain import (
     CamTarget,
     cam_maps,
     eigen_cam,
+    first_component,
     open_clip_target,
     timm_vit_target,
     to_frame,
@@ -263,6 +264,19 @@ def test_maps_equal_grad_cams_eigen_cam() -> None:
     np.testing.assert_allclose(
         ours, np.clip(_grad_cam_reference(model, x, target), 0, 1), atol=1e-5
     )
+
+
+@pytest.mark.parametrize("shape", [(2, 768, 14, 14), (1, 2048, 7, 7), (1, 64, 16, 16)])
+def test_first_component_is_grad_cams_projection_up_to_its_sign(shape: tuple[int, ...]) -> None:
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    rng = np.random.default_rng(sum(shape))
+    activations = rng.normal(0, 1, shape).astype(np.float32)
+    activations[:, :8, 2:4, 3:5] += 3.0  # a salient region, so the top component is distinct
+    ours, reference = first_component(activations), get_2d_projection(activations)
+    for mine, theirs in zip(ours, reference, strict=True):
+        sign = np.sign(float((mine * theirs).sum()))
+        np.testing.assert_allclose(sign * mine, theirs, atol=1e-4 * np.abs(theirs).max())
 
 
 def test_batched_activations_explain_each_frame_as_a_pass_of_its_own() -> None:
