@@ -182,6 +182,41 @@ def _profiled(pid: int) -> Iterator[None]:
         spy.wait(timeout=60)
 
 
+#: Where the daemon's CPU goes, by the first frame of a sampled stack naming one of these
+#: (checked in order: a model forward inside a job counts as the model).
+_PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model forward", ("Predictor._forward",)),
+    ("Eigen-CAM maps", ("cam_maps",)),
+    ("decode", ("iter_frames", "_raw_frames", "Decoder.")),
+    ("scrub + inpaint", ("Cleaner.__call__",)),
+    ("preprocess", ("preprocess (",)),
+    ("heatmap SC + SR", ("build_heatmap_sc", "build_sr", "write_result")),
+    ("receive (C-STORE SCP)", ("EventDUL", "reactor.py", "handle_store")),
+    ("dispatch (C-STORE SCU)", ("dispatch",)),
+    ("queue + index (SQL)", ("sqlalchemy", "queue.py")),
+)
+
+
+_WAITS = ("Condition.wait ", "Event.wait ", "_worker ", "select ", "_PollLikeSelector.select ")
+
+
+def profile_seconds(path: Path, rate: float = 50.0) -> dict[str, float]:
+    """On-CPU seconds per part of the daemon from py-spy's collapsed stacks (``--rate``)."""
+    seconds: dict[str, float] = {}
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[-1].startswith(_WAITS):
+            continue  # a thread blocked in a wait that py-spy did not tell from running
+        part = next(
+            (name for name, keys in _PARTS if any(k in f for f in frames for k in keys)), "other"
+        )
+        seconds[part] = seconds.get(part, 0.0) + int(count) / rate
+    return seconds
+
+
 def _send(port: int, files: list[Path]) -> float:
     """dcmsend the files on one association; returns when it is done (monotonic time)."""
     sent = run_peer(
@@ -346,6 +381,12 @@ def test_end_to_end_throughput_and_latency(tmp_path: Path) -> None:
         f"median {np.median(lat):.2f} s, min {lat.min():.2f}, max {lat.max():.2f} "
         f"({', '.join(f'{x:.2f}' for x in lat)})"
     )
+    if PROFILE:
+        seconds = profile_seconds(Path(PROFILE))
+        total_cpu = sum(seconds.values())
+        print(f"daemon CPU during the throughput phase (py-spy, {total_cpu:.1f} s in all):")
+        for part, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
+            print(f"  {part:<34} {value:6.2f} s  {value / total_cpu:6.1%}")
 
 
 def _sr_paths(db: Database) -> list[str]:
