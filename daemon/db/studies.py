@@ -145,10 +145,22 @@ def queue_reports_if_settled(
         .where(Finding.study_pk == study_pk)
         .group_by(Finding.model_version_pk)
     ).all()
+    covered = [(study_pk, int(v), int(n), int(last)) for v, n, last in versions]
+    return _queue_reports(session, now, covered)
+
+
+def _report_key(study_pk: int, version_pk: int, count: int, last: int) -> str:
+    return f"report:{study_pk}:{version_pk}:{count}:{last}"
+
+
+def _queue_reports(
+    session: Session, now: datetime, covered: list[tuple[int, int, int, int]]
+) -> int:
+    """Queue the reports named by ``(study, version, findings, last finding id)`` once each."""
     queued = 0
-    for version_pk, count, last in versions:
-        key = f"report:{study_pk}:{version_pk}:{count}:{last}"
-        params = {"study_pk": study_pk, "model_version_pk": int(version_pk)}
+    for study_pk, version_pk, count, last in covered:
+        params = {"study_pk": study_pk, "model_version_pk": version_pk}
+        key = _report_key(study_pk, version_pk, count, last)
         if enqueue_once(session, REPORT, key, now, params=params, study_pk=study_pk):
             queued += 1
     return queued
@@ -159,10 +171,29 @@ def sweep_reports(session: Session, now: datetime, window: timedelta) -> int:
 
     Two workers finishing a study's last two analyses at once may each see the other still
     running; this pass (run with the stability sweep) catches that. Only studies with findings
-    from the last ``window`` are looked at, so the pass stays cheap on a large archive.
+    from the last ``window`` are looked at, and with three queries however many there are (a
+    busy site has hundreds an hour, swept every few seconds): settled studies, their findings
+    per version, then which of those reports exist.
     """
-    recent = select(Finding.study_pk).where(Finding.created_at >= now - window).distinct()
-    return sum(
-        queue_reports_if_settled(session, int(study_pk), now)
-        for study_pk in session.scalars(recent)
+    still_open = (
+        select(Job.id)
+        .where(Job.study_pk == Finding.study_pk, Job.kind == ANALYZE, Job.state.not_in(_SETTLED))
+        .exists()
     )
+    settled = (
+        select(Finding.study_pk)
+        .where(Finding.created_at >= now - window, ~still_open)
+        .distinct()
+        .scalar_subquery()
+    )
+    rows = session.execute(
+        select(Finding.study_pk, Finding.model_version_pk, func.count(), func.max(Finding.id))
+        .where(Finding.study_pk.in_(settled))
+        .group_by(Finding.study_pk, Finding.model_version_pk)
+    ).all()
+    if not rows:
+        return 0
+    covered = [(int(a), int(b), int(c), int(d)) for a, b, c, d in rows]
+    wanted = {_report_key(*row): row for row in covered}
+    known = set(session.scalars(select(Job.dedup_key).where(Job.dedup_key.in_(list(wanted)))))
+    return _queue_reports(session, now, [row for key, row in wanted.items() if key not in known])

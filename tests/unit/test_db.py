@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydicom.dataset import Dataset
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from daemon.db import migrate
 from daemon.db.engine import Database
@@ -165,6 +165,56 @@ def _finding(session: object, instance: Instance, version_pk: int) -> None:
             created_at=T0,
         )
     )
+
+
+def test_the_sweep_queues_what_finishers_missed_across_studies(db: Database) -> None:
+    """Three studies with findings: two settled without a report queued (the finishers raced),
+    one still analysing. One sweep queues the two, per study and version; the next queues none;
+    a late finding re-opens a study's report under a new key."""
+    for study in ("1.2.7", "1.2.8", "1.2.9"):
+        store(db, header(f"{study}.1.1", study=study, series=f"{study}.1"), T0)
+    store(db, header("1.2.7.1.2", study="1.2.7", series="1.2.7.1"), T0)
+    assert stable(db, T0 + timedelta(seconds=61)) == (3, 4)
+    with db.write() as session:
+        version = ModelVersion(
+            task="heart_view", version="1", algorithm_name="a", encoder="e",
+            preprocessing="usf-mae", classes=[], path="m.pt", sha256="0" * 64,
+            device_uid="2.25.98", synthetic=False, active=True, created_at=T0,
+        )  # fmt: skip
+        session.add(version)
+        session.flush()
+        jobs = session.scalars(select(Job).order_by(Job.id)).all()
+        instances = session.scalars(select(Instance).order_by(Instance.id)).all()
+        for instance in instances[:3]:
+            _finding(session, instance, version.id)
+        for job in jobs:  # the third study is still being analysed
+            running = job.instance_pk == instances[2].id
+            job.state = JobState.RUNNING if running else JobState.DONE
+        settled = {instances[0].study_pk, instances[1].study_pk}
+    later = T0 + timedelta(minutes=2)
+    with db.write() as session:
+        assert sweep_reports(session, later, timedelta(hours=1)) == 2
+    statements: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_rest: object) -> None:
+        statements.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", count)
+    try:
+        with db.write() as session:  # nothing new: two reads, however many studies there are
+            assert sweep_reports(session, later, timedelta(hours=1)) == 0
+    finally:
+        event.remove(db.engine, "before_cursor_execute", count)
+    assert len([s for s in statements if s.lstrip().upper().startswith("SELECT")]) == 2
+    assert not [s for s in statements if s.lstrip().upper().startswith("INSERT")]
+    with db.read() as session:
+        reports = session.scalars(select(Job).where(Job.kind == REPORT)).all()
+        assert {r.params["study_pk"] for r in reports} == settled
+    with db.write() as session:  # a late instance's finding: the study's SR must be redone
+        _finding(session, session.get(Instance, instances[3].id), version.id)  # type: ignore[arg-type]
+    with db.write() as session:
+        assert sweep_reports(session, later, timedelta(hours=1)) == 1
+        assert sweep_reports(session, later + timedelta(hours=2), timedelta(hours=1)) == 0
 
 
 def test_reports_are_queued_once_when_the_studys_analyses_settle(db: Database) -> None:
