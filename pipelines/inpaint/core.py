@@ -29,7 +29,9 @@ detector needs); per-pixel rules run as uint8 OpenCV operations or on the few pi
 concern; the stroke detector's median background is tested exactly but only at bright pixels
 (:mod:`pipelines.inpaint.median`, ~20× cheaper than a whole-frame 9×9 median); the run tests
 look at the stroke pixels only, and dotted lines are chained from the coordinates of the few
-isolated pixels (tens per frame) rather than by labelling the frame; and the fill works on
+isolated pixels (tens per frame) rather than by labelling the frame; the later steps work on
+the indices of the pixels bright enough to matter (~2 % of a frame) rather than on whole-frame
+planes, each setting its marks in one shared plane; and the fill works on
 crops around the mask (:mod:`pipelines.inpaint.fill`). The mask and the fill are bit-identical to
 computing every step on the whole frame (tested against that reference).
 """
@@ -220,6 +222,10 @@ def colour_mask(frame: Frame, params: InpaintParams | None = None) -> Mask:
 
 
 def _colour(saturation: Plane, value: Plane, params: InpaintParams) -> Plane:
+    # The cut is never below the floor: a frame with no saturation above it (grey B-mode, JPEG
+    # chroma noise) has no colour marks, and the frame-wide statistics need not be taken.
+    if int(saturation.max(initial=0)) <= params.saturation_floor:
+        return np.zeros(saturation.shape, np.uint8)
     cut = saturation_threshold(saturation, value, params)
     mask = ((saturation > cut) & (value >= params.value_floor)).view(np.uint8)
     if params.colour_flow_min_area is not None and cv2.countNonZero(mask):
@@ -259,28 +265,38 @@ def bright_mark_mask(frame: Frame, params: InpaintParams | None = None) -> Mask:
     return result
 
 
-def _bright(rgb: Frame, bright: Plane, params: InpaintParams, lossy: bool = False) -> Plane:
+def _bright(
+    rgb: Frame, bright: Plane, params: InpaintParams, lossy: bool = False, out: Plane | None = None
+) -> Plane:
+    """:func:`bright_mark_mask` of the frame's value plane, set to 1 in ``out`` (new if None)."""
+    out = np.zeros(bright.shape, np.uint8) if out is None else out
     # JPEG leaves no two pixels of a stroke exactly alike: lossy frames get tolerant runs and
     # groups (see ``InpaintParams.lossy_tolerance``); ``None`` keeps the exact rules.
     jpeg_tolerance = params.lossy_tolerance if lossy else None
+    # Every later test concerns pixels at least this bright (~2 % of a frame): their indices
+    # once, then per-pixel tests on them rather than whole-frame planes.
+    hot = np.flatnonzero(bright >= params.bright_threshold)
+    _dot_chains_into(out, bright, params, hot)
+    if not hot.size:
+        return out
     local = LocalMedian(bright, params.background_kernel)
     candidate = brighter_than_median(
-        bright, params.bright_threshold, params.contrast, params.background_kernel, local
+        bright, params.bright_threshold, params.contrast, params.background_kernel, local, hot
     )
     width = params.max_stroke_width + 1
-    thick = _open(candidate, _rect(width, width))
-    strokes: Plane = candidate & (thick == 0)
-    dots = _dot_chains(bright, params)
-    if not cv2.countNonZero(strokes):
-        return dots
+    # candidate & ~opening (0/1 planes; OpenCV's opening by an even square is not within its
+    # input, hence the saturating subtraction rather than a plain difference).
+    strokes = np.asarray(cv2.subtract(candidate, _open(candidate, _rect(width, width))), np.uint8)
+    on = strokes.view(bool)
+    where = np.flatnonzero(on)
+    if not where.size:
+        return out
 
     # A run pixel equals its predecessor along the run and towers over what lies two steps
     # away across it — other strokes (a glyph's next bar) count as their background — so it is a
     # one- or two-pixel line, not the flat edge of saturated bone. Both are tested at the stroke
     # pixels only (~0.5 % of the frame), not as whole-frame planes.
     run_tolerance = params.run_tolerance if jpeg_tolerance is None else jpeg_tolerance
-    on = strokes.view(bool)
-    where = np.flatnonzero(on)
     ys, xs = np.divmod(where, bright.shape[1])
     plane = bright.reshape(-1)
     here = plane[where].astype(np.int16)
@@ -290,43 +306,101 @@ def _bright(rgb: Frame, bright: Plane, params: InpaintParams, lossy: bool = Fals
     n = params.run_length - 1  # flat_* marks a pixel equal to its predecessor
     across_h = _towering_at(where[flat_h], on, local, params.contrast, axis=0)
     across_v = _towering_at(where[flat_v], on, local, params.contrast, axis=1)
-    runs = _open(_scatter(across_h, bright.shape), _rect(n, 1))
-    runs |= _open(_scatter(across_v, bright.shape), _rect(1, n))
-    if not cv2.countNonZero(runs):
-        return dots
+    runs = _sorted_unique(
+        np.concatenate(
+            (
+                _open_line(across_h, bright.shape, n, axis=1),
+                _open_line(across_v, bright.shape, n, axis=0),
+            )
+        )
+    )
+    if not runs.size:
+        return out
 
     grouped = _dilate(strokes, _rect(params.group_kernel, params.group_kernel))
-    labels, stats = _anchored_groups(grouped, runs)
-    marks = np.zeros(strokes.shape, np.uint8)
+    labels, stats = _anchored_groups_at(grouped, runs)
+    # Each group's pixels all lie in its box, so "a stroke of the group, near its colour" is
+    # tested per stroke pixel against its own group's colour, with no loop over the groups.
+    group = labels.reshape(-1)[where].astype(np.intp)
+    kept = np.zeros(len(stats), bool)
     if jpeg_tolerance is not None:
         # One brightness, not one colour: 4:2:2 subsampling halves the chroma of vertical
         # strokes (a pale-yellow caliper's blue channel goes from 170 to ~215 on its upright).
         share = params.min_anchor_share
-        for group, level in _group_levels(bright, labels, runs, jpeg_tolerance, share):
-            x, y, w, h = (int(v) for v in stats[group, :4])
-            window = (slice(y, y + h), slice(x, x + w))
-            near = cv2.inRange(
-                bright[window], max(level - jpeg_tolerance, 0), min(level + jpeg_tolerance, 255)
-            )
-            marks[window] |= (labels[window] == group) & (strokes[window] > 0) & (near > 0)
-        return marks | dots
-    tolerance = params.colour_tolerance
-    for group, mode in _group_colours(rgb, labels, runs, params.min_anchor_share):
-        x, y, w, h = (int(v) for v in stats[group, :4])
-        window = (slice(y, y + h), slice(x, x + w))
+        level = np.zeros(len(stats), np.int16)
+        for found, brightness in _group_levels_at(bright, labels, runs, jpeg_tolerance, share):
+            kept[found], level[found] = True, brightness
+        near = np.abs(here - level[group]) <= jpeg_tolerance
+    else:
+        mode = np.zeros((len(stats), 3), np.int16)
+        for found, colour in _group_colours(rgb, labels, runs, params.min_anchor_share):
+            kept[found], mode[found] = True, colour
+        pixels = rgb.reshape(-1, 3)[where].astype(np.int16)
         # Within tolerance of the mode in every channel.
-        low, high = (mode - tolerance).astype(np.float64), (mode + tolerance).astype(np.float64)
-        near = cv2.inRange(rgb[window], low, high)
-        marks[window] |= (labels[window] == group) & (strokes[window] > 0) & (near > 0)
-    result: Plane = marks | dots
+        near = (np.abs(pixels - mode[group]) <= params.colour_tolerance).all(axis=1)
+    out.reshape(-1)[where[kept[group] & near]] = 1
+    return out
+
+
+def _open_line(
+    where: NDArray[np.intp], shape: tuple[int, ...], length: int, *, axis: int
+) -> NDArray[np.intp]:
+    """``cv2.morphologyEx(MORPH_OPEN)`` of the pixels at ``where`` by a line, as flat indices.
+
+    The line is ``length`` pixels along ``axis`` (1: a row, ``_rect(length, 1)``; 0: a column),
+    with OpenCV's anchor ``length // 2`` and default border (outside the frame counts as set for
+    the erosion, unset for the dilation). Computed per maximal run of ``where`` along the axis:
+    a run from ``a`` to ``b`` erodes to the anchors ``p`` whose window ``p - anchor`` ..
+    ``p - anchor + length - 1``, clipped to the frame, lies in the run; the dilation spreads each
+    to ``p + anchor - length + 1`` .. ``p + anchor``. For an even ``length`` that is one pixel
+    after the window, so the result may leave the input (OpenCV's kernel is not reflected).
+    """
+    height, width = shape[:2]
+    if not where.size:
+        return where
+    if axis == 1:
+        line, pos = np.divmod(np.sort(where), width)
+        size = width
+    else:
+        rows, columns = np.divmod(where, width)
+        line, pos = np.divmod(np.sort(columns * height + rows), height)  # column by column
+        size = height
+    breaks = np.flatnonzero((np.diff(pos) != 1) | (np.diff(line) != 0)) + 1
+    starts = np.concatenate(([0], breaks))
+    lasts = np.concatenate((breaks, [pos.size])) - 1
+    first, last, line = pos[starts], pos[lasts], line[starts]
+    anchor = length // 2
+    lowest = np.where(first == 0, 0, first + anchor)
+    highest = np.where(last == size - 1, size - 1, last - length + 1 + anchor)
+    lowest, highest = np.maximum(lowest, 0), np.minimum(highest, size - 1)
+    kept = lowest <= highest
+    low = np.maximum(lowest[kept] + anchor - length + 1, 0)
+    high = np.minimum(highest[kept] + anchor, size - 1)
+    count = high - low + 1
+    step = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    along, across = np.repeat(low, count) + step, np.repeat(line[kept], count)
+    flat = across * width + along if axis == 1 else along * width + across
+    return _sorted_unique(flat)
+
+
+def _sorted_unique(values: NDArray[np.intp]) -> NDArray[np.intp]:
+    """``np.unique`` of a 1-D integer array, by one sort: numpy's own costs ~10× more here."""
+    ordered = np.sort(values)
+    first = np.ones(ordered.size, bool)
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    result: NDArray[np.intp] = ordered[first]
     return result
 
 
-def _crosses(bright: Plane, arm: int, params: InpaintParams, lossy: bool) -> Plane:
+def _crosses(
+    bright: Plane, arm: int, params: InpaintParams, lossy: bool, out: Plane | None = None
+) -> Plane:
     """Caliper crosses (:func:`caliper_crosses`), one exact level unless the frame is lossy."""
     jpeg_tolerance = params.lossy_tolerance if lossy else None
     tolerance = 0 if jpeg_tolerance is None else jpeg_tolerance
-    return caliper_crosses(bright, arm, params.bright_threshold, params.max_stroke_width, tolerance)
+    return caliper_crosses(
+        bright, arm, params.bright_threshold, params.max_stroke_width, tolerance, out=out
+    )
 
 
 def _towering(
@@ -381,17 +455,26 @@ def _anchored_groups(grouped: Plane, runs: Plane) -> tuple[NDArray[np.integer], 
     run pixels (8-connected, like the labelling), which costs its own area rather than the frame's.
     Groups without a run keep the value 1 and no stats. Past 253 such groups, all are labelled.
     """
-    labels = grouped.copy()  # 0 background, 1 not yet labelled, 2.. labels
+    return _anchored_groups_at(grouped.copy(), np.flatnonzero(runs.view(bool)))
+
+
+def _anchored_groups_at(
+    grouped: Plane, seeds: NDArray[np.intp]
+) -> tuple[NDArray[np.integer], NDArray[np.int32]]:
+    """:func:`_anchored_groups` of the run pixels at the sorted flat indices ``seeds``.
+
+    Labels ``grouped`` (0/1) in place: it becomes the returned labels unless all are labelled.
+    """
+    labels = grouped  # 0 background, 1 not yet labelled, 2.. labels
     stats = [np.zeros(5, np.int32), np.zeros(5, np.int32)]
     flags = 8 | cv2.FLOODFILL_FIXED_RANGE
-    seeds = np.flatnonzero(runs.view(bool))
     flat = labels.reshape(-1)
     # One scratch mask for every fill: OpenCV would otherwise allocate a frame-sized one per call.
     scratch = np.zeros((grouped.shape[0] + 2, grouped.shape[1] + 2), np.uint8)
     while seeds.size:
         label = len(stats)
         if label > 255:
-            _, all_labels, all_stats = _components(grouped)
+            _, all_labels, all_stats = _components(labels)  # labelled or not, the groups' pixels
             return all_labels, all_stats
         y, x = divmod(int(seeds[0]), grouped.shape[1])
         area, _, _, rect = cv2.floodFill(labels, scratch, (x, y), label, 0, 0, flags)
@@ -409,9 +492,23 @@ def _group_levels(
     ±``tolerance`` window holds most run pixels (the lowest among equals), kept when that window
     holds at least ``min_share`` of them.
     """
-    anchors = np.flatnonzero(runs.view(bool))
+    return _group_levels_at(bright, labels, np.flatnonzero(runs.view(bool)), tolerance, min_share)
+
+
+def _group_levels_at(
+    bright: Plane,
+    labels: NDArray[np.integer],
+    anchors: NDArray[np.intp],
+    tolerance: int,
+    min_share: float,
+) -> list[tuple[int, int]]:
+    """:func:`_group_levels` of the run pixels at the flat indices ``anchors``."""
     groups = labels.reshape(-1)[anchors].astype(np.int64)
-    present, index = np.unique(groups, return_inverse=True)
+    # np.unique(groups, return_inverse=True) by counting: labels are small.
+    present = np.flatnonzero(np.bincount(groups))
+    rank = np.zeros(int(present[-1]) + 1 if present.size else 0, np.int64)
+    rank[present] = np.arange(present.size)
+    index = rank[groups]
     levels = bright.reshape(-1)[anchors].astype(np.int64)
     histogram = np.bincount(index * 256 + levels, minlength=present.size * 256).reshape(-1, 256)
     padded = np.zeros((present.size, 256 + 2 * tolerance), np.int64)
@@ -428,18 +525,20 @@ def _group_levels(
 
 
 def _group_colours(
-    rgb: Frame, labels: NDArray[np.integer], runs: Plane, min_share: float
+    rgb: Frame, labels: NDArray[np.integer], anchors: NDArray[np.intp], min_share: float
 ) -> list[tuple[int, NDArray[np.int16]]]:
-    """Groups whose run pixels mostly share one colour, with that colour (the mode).
+    """Groups whose run pixels (at the flat indices ``anchors``) mostly share one colour, with it.
 
-    An overlay is drawn in one colour; speckle that happens to form a run is not. Ties go to the
-    smallest colour in (R, G, B) order.
+    An overlay is drawn in one colour; speckle that happens to form a run is not. The colour is
+    the mode; ties go to the smallest colour in (R, G, B) order.
     """
-    anchors = np.flatnonzero(runs.view(bool))
     groups = labels.reshape(-1)[anchors].astype(np.int64)
     pixels = rgb.reshape(-1, 3)[anchors].astype(np.int64)
     codes = (pixels[:, 0] << 16) | (pixels[:, 1] << 8) | pixels[:, 2]
-    keys, counts = np.unique((groups << 24) | codes, return_counts=True)
+    ordered = np.sort((groups << 24) | codes)
+    # np.unique(..., return_counts=True) by one sort: numpy's own costs ~10× more here.
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    keys, counts = ordered[starts], np.diff(np.append(starts, ordered.size))
     key_groups, key_codes = keys >> 24, keys & 0xFFFFFF
     totals = np.bincount(key_groups, weights=counts)
     # Per group: most frequent colour first, smallest colour among equals.
@@ -477,24 +576,39 @@ def _dot_chains(bright: Plane, params: InpaintParams, *, by_components: bool = F
     even where the shortcut (:func:`_pairwise_dot_chains`) gives the same answer; the tests
     compare the two.
     """
+    out = np.zeros(bright.shape, np.uint8)
+    hot = np.flatnonzero(bright >= params.bright_threshold)
+    _dot_chains_into(out, bright, params, hot, by_components=by_components)
+    return out
+
+
+def _dot_chains_into(
+    out: Plane,
+    bright: Plane,
+    params: InpaintParams,
+    hot: NDArray[np.intp],
+    *,
+    by_components: bool = False,
+) -> None:
+    """:func:`_dot_chains`, set to 1 in ``out``; ``hot``: flat indices of ``bright_threshold``."""
+    if not hot.size:
+        return
     ring = np.ones((5, 5), np.uint8)
     ring[1:4, 1:4] = 0
-    surround = cv2.dilate(bright, ring)
-    isolated = (
-        (bright >= params.bright_threshold) & (cv2.subtract(bright, surround) >= params.contrast)
-    ).view(np.uint8)
-    if not cv2.countNonZero(isolated):
-        return np.zeros(bright.shape, np.uint8)
-    if params.dot_max_pixels >= 4 and not by_components:
-        where = np.flatnonzero(isolated.view(bool))
-        if where.size <= _PAIRWISE_DOTS:
-            return _pairwise_dot_chains(where, bright.shape, params)
+    surround = cv2.dilate(bright, ring).reshape(-1)
+    level = bright.reshape(-1)[hot].astype(np.int16)
+    where = hot[level - surround[hot] >= params.contrast]  # contrast ≥ 1: no saturation needed
+    if not where.size:
+        return
+    if params.dot_max_pixels >= 4 and not by_components and where.size <= _PAIRWISE_DOTS:
+        out.reshape(-1)[_pairwise_dot_chains(where, bright.shape, params)] = 1
+        return
     k = params.dot_chain_kernel
-    _, labels, stats = _components(isolated)
+    _, labels, stats = _components(_scatter(where, bright.shape))
     small = stats[:, cv2.CC_STAT_AREA] <= params.dot_max_pixels
     small[0] = False
     if np.count_nonzero(small) < params.dot_min_count:
-        return np.zeros(bright.shape, np.uint8)
+        return
     dot = small[labels].view(np.uint8)
     n_chains, chain_labels, chain_stats = _components(_dilate(dot, _rect(k, k)))
     corners = stats[small, :2]  # a dot's box corner lies in the chain grown around it
@@ -505,12 +619,10 @@ def _dot_chains(bright: Plane, params: InpaintParams, *, by_components: bool = F
     )
     keep = (per_chain >= params.dot_min_count) & (extent >= params.dot_min_extent)
     keep[0] = False
-    result = np.zeros(bright.shape, np.uint8)
     for chain in np.flatnonzero(keep):
         x, y, w, h = (int(v) for v in chain_stats[chain, :4])
         window = (slice(y, y + h), slice(x, x + w))
-        result[window] |= (chain_labels[window] == chain) & (dot[window] > 0)
-    return result
+        out[window] |= (chain_labels[window] == chain) & (dot[window] > 0)
 
 
 #: Up to this many isolated pixels, dot chains come from comparing every pair of them (a frame
@@ -520,8 +632,9 @@ _PAIRWISE_DOTS = 512
 
 def _pairwise_dot_chains(
     where: NDArray[np.intp], shape: tuple[int, ...], params: InpaintParams
-) -> Plane:
-    """:func:`_dot_chains` from the flat indices of the isolated pixels (``dot_max_pixels`` ≥ 4).
+) -> NDArray[np.intp]:
+    """:func:`_dot_chains` from the flat indices of the isolated pixels (``dot_max_pixels`` ≥ 4):
+    the flat indices of the chained ones.
 
     Two isolated pixels two steps apart would each have to out-shine the other, so every
     component of isolated pixels fits in 2×2: all are dots, each counted once at its first pixel
@@ -547,7 +660,10 @@ def _pairwise_dot_chains(
         if np.array_equal(smallest, chain):
             break
         chain = smallest
-    _, chain = np.unique(chain, return_inverse=True)
+    # np.unique(chain, return_inverse=True) by counting: chains are named by pixel indices.
+    present = np.zeros(where.size, bool)
+    present[chain] = True
+    chain = (np.cumsum(present) - 1)[chain]
     n_chains = int(chain.max()) + 1
     per_chain = np.bincount(chain, weights=firsts, minlength=n_chains)
     # OpenCV anchors an even kernel's square k // 2 after its pixel, k - 1 - k // 2 before it.
@@ -565,9 +681,8 @@ def _pairwise_dot_chains(
 
     extent = np.maximum(span(xs, width), span(ys, height)) - (k - 1)
     keep = (per_chain >= params.dot_min_count) & (extent >= params.dot_min_extent)
-    out = np.zeros((height, width), np.uint8)
-    out.reshape(-1)[where[keep[chain]]] = 1
-    return out
+    result: NDArray[np.intp] = where[keep[chain]]
+    return result
 
 
 def _dilate(mask: Plane, kernel: Plane) -> Plane:
@@ -596,17 +711,23 @@ def annotation_mask(
 
 def _annotation_mask(rgb: Frame, params: InpaintParams, lossy: bool = False) -> Mask:
     saturation, value = _saturation_value(rgb)
-    raw = _colour(saturation, value, params)
+    raw = _colour(saturation, value, params)  # the detectors below set their marks in it
     if params.bright_marks:
-        raw |= _bright(rgb, value, params, lossy)
+        _bright(rgb, value, params, lossy, out=raw)
         if params.caliper_arm is not None:
-            raw |= _crosses(value, params.caliper_arm, params, lossy)
+            _crosses(value, params.caliper_arm, params, lossy, out=raw)
     mask = raw
-    if params.dilate_kernel > 1:
-        mask = np.asarray(cv2.dilate(mask, _rect(params.dilate_kernel, params.dilate_kernel)))
-    if params.close_kernel > 1:
-        square = _rect(params.close_kernel, params.close_kernel)
-        mask = np.asarray(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, square))
+    dilate, close = params.dilate_kernel, params.close_kernel
+    if dilate > 1 and close > 1 and dilate % 2 and close % 2:
+        # Dilating by d then closing by c (dilate, erode) is dilating by d + c - 1, then
+        # eroding by c — also at the frame's border for these centred squares: one pass less.
+        mask = np.asarray(cv2.dilate(mask, _rect(dilate + close - 1, dilate + close - 1)))
+        mask = np.asarray(cv2.erode(mask, _rect(close, close), dst=raw))
+    else:
+        if dilate > 1:
+            mask = np.asarray(cv2.dilate(mask, _rect(dilate, dilate)))
+        if close > 1:
+            mask = np.asarray(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _rect(close, close)))
     result: Mask = mask.view(bool)
     return result
 

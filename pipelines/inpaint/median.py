@@ -8,8 +8,10 @@ question is answered there only, exactly:
 
     median of a window ≤ L  ⟺  at least ⌈k²/2⌉ of its k² pixels are ≤ L,
 
-counted on the gathered windows. The window is edge-replicated at the frame's border, as
-``cv2.medianBlur`` does, so the answers equal ``cv2.medianBlur(plane, k) <= L`` bit for bit.
+counted on the gathered windows — after one box filter has counted every window at two levels,
+which settles about half of the bright pixels without reading their windows. The window is
+edge-replicated at the frame's border, as ``cv2.medianBlur`` does, so the answers equal
+``cv2.medianBlur(plane, k) <= L`` bit for bit.
 """
 
 from __future__ import annotations
@@ -45,12 +47,37 @@ class LocalMedian:
         self._padded = cv2.copyMakeBorder(plane, r, r, r, r, cv2.BORDER_REPLICATE)
         self._windows = sliding_window_view(self._padded, (kernel, kernel))
 
-    def count_at_most(self, level: int) -> NDArray[np.uint16]:
-        """For every pixel, how many of its window's pixels are ≤ ``level`` (one box filter)."""
+    def count_at_most(self, level: int) -> NDArray[np.uint8 | np.uint16]:
+        """For every pixel, how many of its window's pixels are ≤ ``level`` (one box filter).
+
+        8-bit counts while they fit (kernel ≤ 15: 225 pixels), a cheaper filter than 16-bit.
+        """
         below = (self.plane <= level).view(np.uint8)
         return np.asarray(
             cv2.boxFilter(
                 below,
+                cv2.CV_8U if self.kernel * self.kernel <= 255 else cv2.CV_16U,
+                (self.kernel, self.kernel),
+                normalize=False,
+                borderType=cv2.BORDER_REPLICATE,
+            )
+        )
+
+    def count_at_most_two(self, low: int, high: int) -> NDArray[np.uint16]:
+        """:meth:`count_at_most` of ``low`` and of ``high`` from one box filter, packed.
+
+        Each pixel's count at ``low`` is in bits 0–6, at ``high`` in bits 7–13 (a window of at
+        most 127 pixels: ``kernel`` ≤ 11).
+        """
+        if self.kernel * self.kernel > 127:
+            raise ValueError(f"kernel={self.kernel}: two 7-bit counts need kernel ≤ 11")
+        packed = np.asarray(
+            cv2.threshold(self.plane, high, 128, cv2.THRESH_BINARY_INV)[1], np.uint8
+        )
+        packed |= (self.plane <= low).view(np.uint8)
+        return np.asarray(
+            cv2.boxFilter(
+                packed,
                 cv2.CV_16U,
                 (self.kernel, self.kernel),
                 normalize=False,
@@ -76,7 +103,12 @@ class LocalMedian:
 
 
 def brighter_than_median(
-    bright: Plane, threshold: int, contrast: int, kernel: int, local: LocalMedian | None = None
+    bright: Plane,
+    threshold: int,
+    contrast: int,
+    kernel: int,
+    local: LocalMedian | None = None,
+    hot: Pixels | None = None,
 ) -> Plane:
     """``(bright ≥ threshold) & (bright − median_kernel(bright) ≥ contrast)`` as 0/1, exactly.
 
@@ -92,24 +124,49 @@ def brighter_than_median(
         Odd side of the neighbourhood.
     local
         The plane's :class:`LocalMedian` when the caller has one already.
+    hot
+        The flat indices of the pixels ≥ ``threshold`` (ascending) when the caller has them.
 
     Returns
     -------
     numpy.ndarray
         H×W uint8 of 0 and 1; equal to the same test against ``cv2.medianBlur(bright, kernel)``.
     """
-    local = local or LocalMedian(bright, kernel)
-    top = int(bright.max()) if bright.size else 0
-    # Necessary: the median is ≤ bright − contrast ≤ top − contrast, so at least ``need`` pixels
-    # of the window are ≤ top − contrast. One box filter discards flat bright areas (bone).
-    maybe = bright >= max(threshold, contrast)
-    if top - contrast >= 0:
-        maybe &= local.count_at_most(top - contrast) >= local.need
-    else:
-        maybe[:] = False
-    pixels = np.flatnonzero(maybe)
     out = np.zeros(bright.shape, np.uint8)
-    if pixels.size:
-        levels = bright.reshape(-1)[pixels].astype(np.int16) - contrast
+    top = int(bright.max()) if bright.size else 0
+    if top - contrast < 0:
+        return out
+    plane = bright.reshape(-1)
+    if hot is None:
+        pixels = np.flatnonzero(bright >= max(threshold, contrast))
+    else:
+        pixels = hot if threshold >= contrast else hot[plane[hot] >= contrast]
+    if not pixels.size:
+        return out
+    local = local or LocalMedian(bright, kernel)
+    need = local.need
+    high = top - contrast
+    if kernel > 11:
+        # Necessary: the median is ≤ bright − contrast ≤ top − contrast, so at least ``need``
+        # pixels of the window are ≤ top − contrast. One box filter discards flat bright areas.
+        counts = local.count_at_most(high).reshape(-1)
+        pixels = pixels[counts[pixels] >= need]
+        levels = plane[pixels].astype(np.int16) - contrast
         out.reshape(-1)[pixels[local.at_most(pixels, levels)]] = 1
+        return out
+    # Window counts at two levels from one box filter decide most pixels without reading their
+    # windows: at ``high`` = top − contrast (no level is above it: fewer than ``need`` there
+    # fails the pixel, bone's flat bright areas; a pixel at ``high`` is then decided), and at
+    # ``low``, midway down to the lowest level (a level at or above it passes with ``need``
+    # there, one at or below it fails without). The rest are counted on their windows.
+    levels = plane[pixels].astype(np.int16) - contrast
+    low = (int(levels.min()) + high) // 2
+    packed = local.count_at_most_two(low, high).reshape(-1)[pixels]
+    at_low, at_high = (packed & 127) >= need, (packed >> 7) >= need
+    passed = at_high & (((levels >= low) & at_low) | (levels == high))
+    open_ = at_high & ~passed & ~((levels <= low) & ~at_low)
+    flat = out.reshape(-1)
+    flat[pixels[passed]] = 1
+    unsure = pixels[open_]
+    flat[unsure[local.at_most(unsure, levels[open_])]] = 1
     return out

@@ -25,7 +25,13 @@ from pipelines.inpaint import (
     inpaint,
 )
 from pipelines.inpaint.calipers import caliper_crosses, cross_kernel
-from pipelines.inpaint.core import _anchored_groups, _dot_chains, _group_levels, _towering
+from pipelines.inpaint.core import (
+    _anchored_groups,
+    _dot_chains,
+    _group_levels,
+    _open_line,
+    _towering,
+)
 from pipelines.inpaint.fill import clusters
 from pipelines.inpaint.median import LocalMedian, brighter_than_median
 from pipelines.phantom import PhantomSample, make_phantom
@@ -403,7 +409,7 @@ def exactness_frames() -> list[tuple[str, np.ndarray]]:
         return _exactness_frames()
 
 
-@pytest.mark.parametrize("kernel", [3, 5, 9, 11])
+@pytest.mark.parametrize("kernel", [3, 5, 9, 11, 13, 17])
 def test_sparse_median_test_equals_a_whole_frame_median(
     kernel: int, exactness_frames: list[tuple[str, np.ndarray]]
 ) -> None:
@@ -514,6 +520,21 @@ def test_anchored_groups_are_the_components_holding_a_run(groups: int) -> None:
         (mine,) = np.unique(labels[pixels])  # one label for the whole component...
         assert (labels == mine).sum() == pixels.sum()  # ...and for nothing else
         assert np.array_equal(stats[mine], ref_stats[label])
+
+
+def test_line_opening_of_pixel_indices_equals_opencv() -> None:
+    """Runs are opened from their pixels' indices as OpenCV opens the plane, borders and even
+    lines included (OpenCV's opening by an even line shifts by one pixel)."""
+    rng = np.random.default_rng(7)
+    for trial in range(3000):
+        height, width = (int(v) for v in rng.integers(1, 14, 2))
+        plane = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        length = int(rng.integers(1, 8))
+        for axis, size in ((1, (length, 1)), (0, (1, length))):
+            kernel = cv2.getStructuringElement(cv2.MORPH_RECT, size)
+            expected = np.flatnonzero(cv2.morphologyEx(plane, cv2.MORPH_OPEN, kernel))
+            got = _open_line(np.flatnonzero(plane), plane.shape, length, axis=axis)
+            assert np.array_equal(got, expected), (trial, axis, length, plane)
 
 
 def test_pairwise_dot_chains_equal_labelling_the_frame() -> None:
