@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
 
 from daemon.db import migrate
 from daemon.db.engine import Database
@@ -150,6 +151,17 @@ def test_header_refuses_invalid_uid() -> None:
         InstanceHeader.from_dataset(ds, "1.2.840.10008.1.2")
 
 
+def _active_version(session: Session, device_uid: str) -> ModelVersion:
+    version = ModelVersion(
+        task="heart_view", version="1", algorithm_name="a", encoder="e",
+        preprocessing="usf-mae", classes=[], path="m.pt", sha256="0" * 64,
+        device_uid=device_uid, synthetic=False, active=True, created_at=T0,
+    )  # fmt: skip
+    session.add(version)
+    session.flush()
+    return version
+
+
 def _finding(session: object, instance: Instance, version_pk: int) -> None:
     session.add(  # type: ignore[attr-defined]
         Finding(
@@ -176,13 +188,7 @@ def test_the_sweep_queues_what_finishers_missed_across_studies(db: Database) -> 
     store(db, header("1.2.7.1.2", study="1.2.7", series="1.2.7.1"), T0)
     assert stable(db, T0 + timedelta(seconds=61)) == (3, 4)
     with db.write() as session:
-        version = ModelVersion(
-            task="heart_view", version="1", algorithm_name="a", encoder="e",
-            preprocessing="usf-mae", classes=[], path="m.pt", sha256="0" * 64,
-            device_uid="2.25.98", synthetic=False, active=True, created_at=T0,
-        )  # fmt: skip
-        session.add(version)
-        session.flush()
+        version = _active_version(session, "2.25.98")
         jobs = session.scalars(select(Job).order_by(Job.id)).all()
         instances = session.scalars(select(Instance).order_by(Instance.id)).all()
         for instance in instances[:3]:
@@ -222,13 +228,7 @@ def test_reports_are_queued_once_when_the_studys_analyses_settle(db: Database) -
     store(db, header("1.2.3.1.2"), T0)
     assert stable(db, T0 + timedelta(seconds=61)) == (1, 2)
     with db.write() as session:
-        version = ModelVersion(
-            task="heart_view", version="1", algorithm_name="a", encoder="e",
-            preprocessing="usf-mae", classes=[], path="m.pt", sha256="0" * 64,
-            device_uid="2.25.99", synthetic=False, active=True, created_at=T0,
-        )  # fmt: skip
-        session.add(version)
-        session.flush()
+        version = _active_version(session, "2.25.99")
         first, second = session.scalars(select(Job).order_by(Job.id)).all()
         instances = session.scalars(select(Instance).order_by(Instance.id)).all()
         _finding(session, instances[0], version.id)
