@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -68,6 +69,14 @@ def _data_dirs() -> list[str]:
 
 
 @functools.cache
+def ultrasound_corpus() -> dict[str, Path]:
+    """:func:`ultrasound_files` by file name, read without the corpus's known warnings (e.g. an
+    implicit VR sequence in an explicit file)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return {path.name: path for path in ultrasound_files()}
+
+
 def ultrasound_files() -> tuple[Path, ...]:
     """Every ultrasound (Modality US) DICOM file shipped by pydicom and pydicom-data."""
     found = []

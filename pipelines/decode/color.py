@@ -130,31 +130,23 @@ _YBR_TO_RGB: Final = np.asarray(
     ],
     dtype=np.float32,
 )
-#: ``(1, 256, 3)`` float32: sample value v -> (v, v - 128, v - 128), for ``cv2.LUT``.
-_YBR_OFFSETS: Final = np.ascontiguousarray(
-    np.stack([np.arange(256), np.arange(256) - 128, np.arange(256) - 128], axis=-1)[None],
-    dtype=np.float32,
-)
-
-
 #: Pixels per matrix product: small enough for OpenBLAS to stay on this thread (a whole frame
 #: wakes its thread pool, which costs 10x the arithmetic when workers already fill the cores) and
-#: for the block to stay in cache.
+#: for every step of a block to run in cache.
 _YBR_BLOCK: Final = 8192
-
+#: Subtracted from (Y, Cb, Cr) before the product; an OpenCV scalar has four slots.
+_YBR_OFFSET: Final = (0.0, 128.0, 128.0, 0.0)
+_HALF: Final = np.float32(0.5)
 
 _SCRATCH = threading.local()
 
 
-def _ybr_scratch(shape: tuple[int, ...]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """This thread's float buffers for frames of ``shape``, kept for the next frame or file."""
+def _ybr_scratch() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """This thread's two block-sized float buffers, kept for the next block, frame and file."""
     buffers: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None
     buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None or buffers[0].shape != shape:
-        buffers = (
-            np.empty(shape, np.float32),
-            np.empty((shape[0] * shape[1], 3), np.float32),
-        )
+    if buffers is None:
+        buffers = (np.empty((_YBR_BLOCK, 3), np.float32), np.empty((_YBR_BLOCK, 3), np.float32))
         _SCRATCH.buffers = buffers
     return buffers
 
@@ -164,27 +156,35 @@ class YBRConverter:
 
     pydicom computes ``floor((Y, Cb - 128, Cr - 128) · M + 0.5)`` in float32, clipped to 0..255.
     This does the same float32 operations — the same BLAS matrix product, so the same rounding,
-    equal on all 2^24 inputs (tested) — but offsets the samples with one table look-up instead of
-    a broadcast subtraction, multiplies in cache-sized blocks, and reuses its scratch buffers
-    across the frames of a cine (a fresh 3.7 MB float array per frame costs as much as the
-    arithmetic, in page faults; they are kept per thread, so single-frame files benefit too).
-    Samples deeper than 8 bits go to pydicom.
+    equal on all 2^24 inputs (tested) — block by block, so that the offsets (integers, exact in
+    float32), the product, ``+ 0.5``, the clip and the cast each touch a cache-resident block
+    instead of a 6 MB float frame. ``floor`` is left to the cast: after the clip every value is
+    in 0..255, where truncation is ``floor``. Samples deeper than 8 bits go to pydicom.
     """
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
             return np.asarray(convert_color_space(frame, "YBR_FULL", "RGB"))
-        frame = np.ascontiguousarray(frame)
-        shifted, product = _ybr_scratch(frame.shape)
-        cv2.LUT(frame, _YBR_OFFSETS, dst=shifted)
-        rows = shifted.reshape(-1, 3)
-        for start in range(0, rows.shape[0], _YBR_BLOCK):
-            block = slice(start, start + _YBR_BLOCK)
-            np.matmul(rows[block], _YBR_TO_RGB, out=product[block])
-        product += np.float32(0.5)
-        np.floor(product, out=product)
-        np.clip(product, 0, 255, out=product)
-        return product.astype(np.uint8).reshape(frame.shape)
+        samples = np.ascontiguousarray(frame).reshape(-1, 1, 3)  # OpenCV sees 3 channels
+        out = np.empty(frame.shape, np.uint8)
+        rgb = out.reshape(-1, 3)
+        shifted, product = _ybr_scratch()
+        total = samples.shape[0]
+        for start in range(0, total, _YBR_BLOCK):
+            stop = min(start + _YBR_BLOCK, total)
+            n = stop - start
+            cv2.subtract(  # type: ignore[call-overload]  # OpenCV's stubs omit scalars
+                samples[start:stop],
+                _YBR_OFFSET,
+                dst=shifted[:n].reshape(n, 1, 3),
+                dtype=cv2.CV_32F,
+            )
+            block = product[:n]
+            np.matmul(shifted[:n], _YBR_TO_RGB, out=block)
+            np.add(block, _HALF, out=block)
+            np.clip(block, 0, 255, out=block)
+            np.copyto(rgb[start:stop], block, casting="unsafe")
+        return out
 
 
 def _rgb8(frame: np.ndarray) -> RGBFrame:

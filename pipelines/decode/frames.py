@@ -2,20 +2,24 @@
 
 Frames are streamed from the file itself by pydicom's decoder (``Decoder.iter_array``, as
 :func:`pydicom.pixels.iter_pixels` does): the header is read up to Pixel Data, then each native
-frame is seeked or the encapsulated fragments are walked (PS3.5 A.4), one frame decoded at a time.
-A 1,000-frame cine therefore costs a few frames of memory, not the whole loop. The one exception
+frame is seeked or the encapsulated fragments are walked (PS3.5 A.4), one frame decoded at a time
+(all frames in order: one walk over the fragments, not one per frame). A 1,000-frame cine therefore
+costs a few frames of memory, not the whole loop. Native 8-bit frames whose bytes are their samples
+(uncompressed RGB, grey and palette ultrasound) are read straight into their arrays instead, without
+the decoder's per-frame overhead (the same pixels: tested). The one exception
 is the Deflated transfer syntax (PS3.5 A.5): the whole dataset is one zlib stream that cannot be
 seeked, so it is inflated once in memory (deflate is rare for images and its pixels are native, so
 frames are still produced one by one).
 
 Frames come from pydicom *raw*, with the Image Pixel properties the decoder settled on; frames it
 reports as YBR_FULL / YBR_FULL_422 are converted to RGB here, bit for bit as pydicom would
-(:func:`pipelines.decode.color.ybr_full_to_rgb`), but ~3× faster — most ultrasound is JPEG
+(:class:`pipelines.decode.color.YBRConverter`), but ~3× faster — most ultrasound is JPEG
 Baseline YBR_FULL_422, and this conversion was the largest cost of decoding it.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -34,6 +38,8 @@ from pydicom.uid import (
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSNearLossless,
@@ -210,8 +216,9 @@ _PIXEL_KEYWORDS: Final = {
 _YBR: Final = frozenset({"YBR_FULL", "YBR_FULL_422"})
 
 
-def _pixel_options(f: BinaryIO, header: Dataset, syntax: UID) -> dict[str, Any]:
-    """Decoding options for the pixel data element ``f`` is positioned at; leave ``f`` at its value.
+def _pixel_options(f: BinaryIO, header: Dataset, syntax: UID) -> tuple[dict[str, Any], int]:
+    """Decoding options and value length of the pixel data element ``f`` is positioned at; leave
+    ``f`` at its value.
 
     The element header is PS3.5 7.1.2: tag, then (explicit VR) the VR, two reserved bytes and a
     32-bit length, or (implicit VR) the 32-bit length.
@@ -226,10 +233,76 @@ def _pixel_options(f: BinaryIO, header: Dataset, syntax: UID) -> dict[str, Any]:
     if (group, element) not in _PIXEL_KEYWORDS:
         raise ValueError(f"no Pixel Data: the dataset continues with ({group:04X},{element:04X})")
     opts["pixel_keyword"] = _PIXEL_KEYWORDS[(group, element)]
-    if not syntax.is_implicit_VR:
+    if syntax.is_implicit_VR:
+        (length,) = struct.unpack(f"{order}L", data[4:])
+    else:
         opts["pixel_vr"] = data[4:6].decode("ascii", "replace")
-        f.read(4)  # the 32-bit length that follows OB/OW/OF/OD's reserved bytes
-    return opts
+        tail = f.read(4)  # the 32-bit length that follows OB/OW/OF/OD's reserved bytes
+        length = struct.unpack(f"{order}L", tail)[0] if len(tail) == 4 else 0
+    return opts, length
+
+
+#: Native little-endian syntaxes whose 8-bit frames :func:`_plain_frames` reads itself.
+_PLAIN_SYNTAXES: Final = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+#: Photometric Interpretations whose native 8-bit frame is its bytes, one sample after another
+#: (YBR_FULL_422 is excluded: natively it is stored subsampled, PS3.3 C.7.6.3.1.2).
+_PLAIN_PHOTOMETRIC: Final = frozenset(
+    {"RGB", "YBR_FULL", "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"}
+)
+_UNDEFINED_LENGTH: Final = 0xFFFFFFFF
+
+
+def _frame_shape(opts: dict[str, Any], syntax: UID, length: int) -> tuple[int, ...] | None:
+    """The shape of one native frame when its bytes are exactly its samples; else ``None``.
+
+    That is the common uncompressed ultrasound case — 8-bit unsigned samples, interleaved
+    (Planar Configuration 0) when there are three, in a little-endian syntax, with a defined
+    element length that holds every frame — and the only one read without pydicom's decoder.
+    """
+    samples = opts.get("samples_per_pixel")
+    photometric = str(opts.get("photometric_interpretation", "")).strip().upper()
+    plain = (
+        syntax in _PLAIN_SYNTAXES
+        and opts.get("pixel_keyword") == "PixelData"
+        and opts.get("bits_allocated") == 8
+        and opts.get("bits_stored") == 8
+        and opts.get("pixel_representation") == 0
+        and photometric in _PLAIN_PHOTOMETRIC
+        and (samples == 1 or (samples == 3 and opts.get("planar_configuration", 0) == 0))
+    )
+    if not plain:
+        return None
+    shape = (int(opts["rows"]), int(opts["columns"])) + ((3,) if samples == 3 else ())
+    frames = int(opts.get("number_of_frames") or 1)
+    if length == _UNDEFINED_LENGTH or length < frames * int(np.prod(shape)):
+        return None
+    return shape
+
+
+def _plain_frames(
+    f: io.BufferedReader, shape: tuple[int, ...], indices: list[int], photometric: str
+) -> Generator[tuple[np.ndarray, str], None, None]:
+    """Native 8-bit frames read straight from the file into their arrays (one copy, no decoder):
+    what pydicom's decoder yields for them, raw, at a fraction of its per-frame overhead."""
+    start = f.tell()
+    size = int(np.prod(shape))
+    for index in indices:
+        frame = np.empty(shape, np.uint8)
+        f.seek(start + index * size)
+        if f.readinto(frame.reshape(-1).data) != size:
+            raise EOFError(f"the file ends inside frame {index}")
+        yield frame, photometric
+
+
+def _pydicom_indices(indices: list[int], options: dict[str, Any]) -> list[int] | None:
+    """``None`` (every frame, in order) when that is what ``indices`` asks for, else ``indices``.
+
+    Asked for frames by index, pydicom's decoder walks an encapsulated cine's fragment items
+    from the first for every frame, which is quadratic in the cine's length (~0.4 ms per frame
+    at 120 frames); asked for every frame, it walks them once, still one frame at a time.
+    """
+    total = int(options.get("number_of_frames") or 1)
+    return None if indices == list(range(total)) else indices
 
 
 def _raw_frames(
@@ -238,12 +311,13 @@ def _raw_frames(
     """``(frame, photometric interpretation of the frame)`` as pydicom's decoder yields them raw."""
     if isinstance(source, Dataset):
         syntax = UID(str(source.file_meta.TransferSyntaxUID))
+        options = as_pixel_options(source)
         frames = get_decoder(syntax).iter_array(
             source,
-            indices=indices,
+            indices=_pydicom_indices(indices, options),
             raw=True,
             decoding_plugin=plugin,
-            **as_pixel_options(source),
+            **options,
         )
         for arr, properties in frames:
             yield arr, str(properties.get("photometric_interpretation", ""))
@@ -251,9 +325,18 @@ def _raw_frames(
     with open(source.path, "rb") as f:
         f.seek(source.pixel_offset)
         syntax = UID(str(source.header.file_meta.TransferSyntaxUID))
-        options = _pixel_options(f, source.header, syntax)
+        options, length = _pixel_options(f, source.header, syntax)
+        shape = _frame_shape(options, syntax, length)
+        if shape is not None:
+            photometric = str(options["photometric_interpretation"])
+            yield from _plain_frames(f, shape, indices, photometric)
+            return
         frames = get_decoder(syntax).iter_array(
-            f, indices=indices, raw=True, decoding_plugin=plugin, **options
+            f,
+            indices=_pydicom_indices(indices, options),
+            raw=True,
+            decoding_plugin=plugin,
+            **options,
         )
         for arr, properties in frames:
             yield arr, str(properties.get("photometric_interpretation", ""))
@@ -279,6 +362,8 @@ def _decoded(
             for raw, photometric in frames:
                 yield todo[position], raw, photometric
                 position += 1
+            if position < len(todo):  # every frame in one pass: the fragments ran out early
+                raise EOFError(f"the pixel data ends before frame {todo[position]}")
             return
         except _DECODER_FAILURES as exc:
             if not (fallback and plugin):

@@ -89,7 +89,8 @@ def fill_navier_stokes(frame: Frame, mask: Mask, radius: int, *, in_place: bool 
     radius
         Inpainting radius (the papers use 3).
     in_place
-        Write the fill into ``frame`` (which the caller owns) instead of a copy.
+        Write the fill into ``frame`` (which the caller owns) instead of a copy, when it is
+        writeable and C-contiguous.
 
     Returns
     -------
@@ -99,19 +100,22 @@ def fill_navier_stokes(frame: Frame, mask: Mask, radius: int, *, in_place: bool 
     """
     if mask.shape != frame.shape[:2] or mask.dtype != np.bool_:
         raise ValueError(f"mask {mask.shape} {mask.dtype}: expected {frame.shape[:2]} bool")
-    out = frame if in_place and frame.flags.writeable else frame.copy()
+    # C order, so that every crop below is an array OpenCV can write into (rows strided only).
+    writable = frame.flags.writeable and frame.flags.c_contiguous
+    out = frame if in_place and writable else frame.copy()
     mask8 = np.ascontiguousarray(mask).view(np.uint8)
     if not cv2.countNonZero(mask8):
         return out
     for y0, y1, x0, x1 in clusters(mask8, reach(radius)):
-        source = np.ascontiguousarray(frame[y0:y1, x0:x1])
-        holes = np.ascontiguousarray(mask8[y0:y1, x0:x1])
-        where = holes.view(bool)
-        target = out[y0:y1, x0:x1]
-        if source.ndim == 3 and _grey_outside(source, holes):
-            grey = cv2.inpaint(np.ascontiguousarray(source[..., 0]), holes, radius, cv2.INPAINT_NS)
-            target[where] = grey[where][:, None]
+        # Views, not copies: OpenCV takes the crop's row stride, and fills in place (it copies
+        # its input to its output first, so aliasing them is safe). The crops are disjoint, so
+        # each still holds the input frame's pixels when its turn comes.
+        crop = out[y0:y1, x0:x1]
+        holes = mask8[y0:y1, x0:x1]
+        if crop.ndim == 3 and _grey_outside(crop, holes):
+            # Every pixel the fill keeps is grey, so the filled plane on all three channels
+            # is the filled crop.
+            crop[...] = cv2.inpaint(crop[..., 0], holes, radius, cv2.INPAINT_NS)[..., None]
         else:
-            filled = cv2.inpaint(source, holes, radius, cv2.INPAINT_NS)
-            target[where] = filled[where]
+            cv2.inpaint(crop, holes, radius, cv2.INPAINT_NS, dst=crop)
     return out

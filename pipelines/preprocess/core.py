@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -52,8 +53,10 @@ def _preprocess_into(frame: np.ndarray, spec: PreprocessSpec, out: np.ndarray) -
     mapping = spec.to_model_grid(rgb.shape[0], rgb.shape[1])
     small = mapping.warp(rgb, spec.cv2_interpolation)
     tables = normalisation_table(spec)
-    for channel in range(3):
-        np.take(tables[channel], small[:, :, channel], out=out[channel])
+    # OpenCV's table look-up, straight into the channel planes: ~2x numpy's ``take``, which
+    # first widens the uint8 indices to intp.
+    for channel, plane in enumerate(cv2.split(small)):
+        cv2.LUT(plane, tables[channel], dst=out[channel])
 
 
 def preprocess(frame: np.ndarray, spec: PreprocessSpec) -> ModelInput:

@@ -9,8 +9,6 @@ Lossy files are compared with the same decoding plugin, so equality is exact the
 from __future__ import annotations
 
 import tracemalloc
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +40,11 @@ from pipelines.decode.color import grey_curve, stored_range
 from pipelines.decode.palette import is_little_endian
 from pipelines.frames import UltrasoundRegion
 
-from helpers import ultrasound_files
+from helpers import ultrasound_corpus
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)  # one corpus file mixes implicit VR in
-    CORPUS = {path.name: path for path in ultrasound_files()}
-
-
-@pytest.fixture(autouse=True)
-def _quiet_pydicom() -> Iterator[None]:
-    # The corpus has known oddities (e.g. an implicit VR sequence in an explicit file).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+CORPUS = ultrasound_corpus()
+# The corpus has known oddities (e.g. an implicit VR sequence in an explicit file).
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 # --- the reference: whole array, pydicom's own colour functions -------------------------------
