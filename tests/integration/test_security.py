@@ -311,7 +311,7 @@ def test_tls_without_required_client_certificate(start_daemon, pki):
     assert _echo_ok(_associate(d.server.port, tls=_client_context(pki, None))[0])
 
 
-def test_plain_tcp_against_tls_port_fails_without_hanging_listener(start_daemon, pki):
+def test_plain_tcp_against_tls_port_fails_without_hanging_listener(start_daemon, pki, caplog):
     d = start_daemon(dicom={"tls": _tls_section(pki), "acse_timeout": 30})
     port = d.server.port
     good = _client_context(pki, (pki.client_cert, pki.client_key))
@@ -324,6 +324,9 @@ def test_plain_tcp_against_tls_port_fails_without_hanging_listener(start_daemon,
         r = _echoscu(port, "-aec", "USFMD")
         assert r.returncode != 0
         assert _echo_ok(_associate(port, tls=good)[0])
+    # Each refused connection is logged — the silent one once it hangs up — before the test
+    # ends (a handler thread logging after it would write to a closed capture stream).
+    wait_for(lambda: caplog.text.count("TLS handshake failed") >= 3, 10, "three refusals logged")
 
 
 def test_tls_dcmtk_echoscu(start_daemon, pki):
