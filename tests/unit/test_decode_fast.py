@@ -228,6 +228,25 @@ def test_jpeg_ybr_frames_are_dcmtks_rgb(name: str | None, tmp_path: Path) -> Non
     assert off <= 1e-5 * sum(f.size for f in frames)
 
 
+def test_jpeg_frames_decode_into_a_buffer_of_ours_as_pillow_loads_them(tmp_path: Path) -> None:
+    """libjpeg-turbo writes into an RGBX array (no ``tobytes`` repacking): the samples Pillow's
+    own ``load`` gives, as a new C-contiguous writable RGB array; a stream that ends early still
+    fails there (and goes to pydicom's plugins) instead of yielding a half-grey frame."""
+    from PIL import Image
+    from pydicom.encaps import generate_frames
+
+    ds = _jpeg_cine(tmp_path / "cine.dcm", 2)
+    for stream in generate_frames(ds.PixelData, number_of_frames=2):
+        got = frames_module._decode_rgb(Image.open(io.BytesIO(stream)), stream)
+        want = np.asarray(Image.open(io.BytesIO(stream)))
+        assert got.shape == want.shape == (ds.Rows, ds.Columns, 3) and got.dtype == np.uint8
+        assert np.array_equal(got, want)
+        assert got.flags.c_contiguous and got.flags.writeable and got.flags.owndata
+    short = stream[: len(stream) // 2]
+    with pytest.raises(ValueError):
+        frames_module._decode_rgb(Image.open(io.BytesIO(short)), short)
+
+
 def test_jpeg_rgb_streams_go_to_pydicom(tmp_path: Path) -> None:
     """A YBR_FULL_422 file whose JPEG streams carry an Adobe marker saying RGB (transform 0) is
     left to pydicom's decoder, which decodes it as it always has."""
