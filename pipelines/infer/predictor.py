@@ -204,28 +204,17 @@ class Predictor:
         return batch.to(self.device, non_blocking=True)
 
     def _forward(
-        self, inputs: np.ndarray | torch.Tensor, target: CamTarget | None = None
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
-        """Logits (float32, CPU) and, with ``target``, its layer's activations on the patch grid."""
-        from pipelines.explain.eigencam import capture_output, grid_activations, layer_output
-
+        self, inputs: np.ndarray | torch.Tensor
+    ) -> tuple[npt.NDArray[np.float32], list[torch.Tensor]]:
+        """Logits (float32, CPU) and what the ``cam_target`` layer output in the same pass."""
         batch = self._as_input(inputs)
         tap = self._tap
-        own_layer = target is not None and tap is not None and target.layer is tap.layer
-        # Another layer gets a hook of its own, on the eager model: a compiled one would
-        # recompile for a new hook.
-        module = self.model if target is not None and not own_layer else self._forward_module
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(self._lock)
+        with self._lock, self.context():
             if tap is not None:
                 tap.seen.clear()  # outputs of forwards run outside the predictor
-            other = None
-            if target is not None and not own_layer:
-                other = stack.enter_context(capture_output(target.layer))
-            stack.enter_context(self.context())
-            out = module(batch)
+            out = self._forward_module(batch)
             # Taken under the lock: the next forward refills the tap.
-            seen = list(tap.seen) if own_layer and tap is not None else other
+            seen = [] if tap is None else list(tap.seen)
             if tap is not None:
                 tap.seen.clear()
         if not isinstance(out, torch.Tensor):
@@ -238,18 +227,7 @@ class Predictor:
                 f"task {self.task.name!r}: the model returned shape {tuple(out.shape)} for "
                 f"{batch.shape[0]} frames, expected ({batch.shape[0]}, {expected})"
             )
-        logits = np.ascontiguousarray(out.float().cpu().numpy())
-        if seen is None or target is None:
-            return logits, None
-        return logits, grid_activations(layer_output(seen, target), target)
-
-    def _forward_capturing(
-        self, inputs: np.ndarray | torch.Tensor, target: CamTarget
-    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        logits, activations = self._forward(inputs, target)
-        if activations is None:  # pragma: no cover - _forward captures whenever given a target
-            raise InferenceError("no activations were captured")
-        return logits, activations
+        return np.ascontiguousarray(out.float().cpu().numpy()), seen
 
     def logits(self, inputs: np.ndarray | torch.Tensor) -> npt.NDArray[np.float32]:
         """Raw model outputs for ``(N, 3, S, S)`` float32 inputs, as float32 on the CPU."""
@@ -259,21 +237,27 @@ class Predictor:
         """Per-frame class probabilities ``(N, len(task.classes))``, in the task's class order."""
         return probabilities(self.logits(inputs), self.task.head)
 
-    def predict_with_activations(
-        self, inputs: np.ndarray | torch.Tensor, target: CamTarget | None = None
-    ) -> FrameRows:
-        """Probabilities plus ``target``'s activations (default: the predictor's
-        ``cam_target``), from one forward pass, one row a frame.
+    def predict_with_activations(self, inputs: np.ndarray | torch.Tensor) -> FrameRows:
+        """Probabilities plus the ``cam_target`` layer's activations, from one forward pass, one
+        row a frame.
 
         What a frame's later Eigen-CAM needs (:func:`pipelines.explain.cam_maps`), so the
         reported frame of an instance is explained from the batched pass that classified it.
         Rows are a structured array (:data:`FRAME_ROW_FIELDS`) so that a
         :class:`~pipelines.infer.Batcher` can hand each caller its own rows.
+
+        Raises
+        ------
+        ValueError
+            The predictor has no ``cam_target``, or that layer did not run.
         """
-        chosen = target or self.cam_target
-        if chosen is None:
-            raise ValueError("no Eigen-CAM target: pass one, or give the predictor a cam_target")
-        logits, activations = self._forward_capturing(inputs, chosen)
+        from pipelines.explain.eigencam import grid_activations, layer_output
+
+        target = self.cam_target
+        if target is None:
+            raise ValueError("the predictor has no cam_target to take activations from")
+        logits, seen = self._forward(inputs)
+        activations = grid_activations(layer_output(seen, target), target)
         return frame_rows(probabilities(logits, self.task.head), activations)
 
     def explain(self, inputs: np.ndarray | torch.Tensor, target: CamTarget) -> CamResult:
@@ -281,13 +265,17 @@ class Predictor:
 
         ``target`` names a module of *this* model (e.g. ``timm_vit_target(predictor.model)``).
         ``probabilities(result.logits, task.head)`` gives the frames' probabilities from the same
-        forward pass.
+        forward pass. Runs the eager model (a compiled one would recompile for a new hook).
         """
-        from pipelines.explain import CamResult, cam_maps
+        from pipelines.explain import eigen_cam  # grad-cam is only imported when explaining
 
-        logits, activations = self._forward_capturing(inputs, target)
-        maps = cam_maps(activations, (self.input_size, self.input_size))
-        return CamResult(maps=maps, logits=logits)
+        batch = self._as_input(inputs)
+        with self._lock:
+            try:
+                return eigen_cam(self.model, batch, target, bf16=self.bf16)
+            finally:
+                if self._tap is not None:
+                    self._tap.seen.clear()
 
 
 class _Tap:

@@ -282,11 +282,17 @@ def test_first_component_is_grad_cams_projection_up_to_its_sign(shape: tuple[int
 def test_batched_activations_explain_each_frame_as_a_pass_of_its_own() -> None:
     """The daemon's path: probabilities and activations of frames from two callers share one
     batch; each frame's map from its row equals explaining it alone."""
-    predictor = Predictor(_timm_vit(), get_task("ventriculomegaly"), device="cpu", bf16="off")
-    predictor.model.head = torch.nn.Linear(64, 2)
-    target = timm_vit_target(predictor.model)
+    model = _timm_vit()
+    model.head = torch.nn.Linear(64, 2)
+    target = timm_vit_target(model)
+    task = get_task("ventriculomegaly")
+    with pytest.raises(ValueError, match="no cam_target"):
+        Predictor(model, task, device="cpu", bf16="off").predict_with_activations(
+            np.zeros((1, 3, 224, 224), np.float32)
+        )
+    predictor = Predictor(model, task, device="cpu", bf16="off", cam_target=target)
     x = _hot_inputs().numpy()
-    fn = functools.partial(predictor.predict_with_activations, target=target)
+    fn = predictor.predict_with_activations
     with Batcher(fn, item_shape=(3, 224, 224), max_batch=2, max_wait_ms=2000) as batcher:
         first, second = batcher.submit(x[:1]), batcher.submit(x[1:])
         rows = np.concatenate([first.result(30), second.result(30)])
@@ -297,7 +303,7 @@ def test_batched_activations_explain_each_frame_as_a_pass_of_its_own() -> None:
     np.testing.assert_allclose(cam_maps(rows["activations"], (224, 224)), alone.maps, atol=1e-5)
     with pytest.raises(ValueError, match="expected"):
         cam_maps(rows["activations"][0], (224, 224))
-    assert _hooks(target.layer) == 0
+    assert _hooks(target.layer) == 1  # the predictor's own tap; explain's hook is gone
 
 
 # --- back on the original frame ------------------------------------------------------------------
