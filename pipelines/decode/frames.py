@@ -410,21 +410,11 @@ def _raw_frames(
         syntax = UID(str(source.file_meta.TransferSyntaxUID))
         options = as_pixel_options(source)
         keyword = "PixelData" if "PixelData" in source else ""
-        if _jpeg_rgb_options({**options, "pixel_keyword": keyword}, syntax, plugin):
-            pixel_data = source.PixelData
-            served = yield from _jpeg_rgb_frames(lambda: pixel_data, options, indices)
-            if served == len(indices):
-                return
-            indices = indices[served:]
-        frames = get_decoder(syntax).iter_array(
-            source,
-            indices=_pydicom_indices(indices, options),
-            raw=True,
-            decoding_plugin=plugin,
-            **options,
+        jpeg = _jpeg_rgb_options({**options, "pixel_keyword": keyword}, syntax, plugin)
+        pixel_data = source.PixelData if jpeg else b""
+        yield from _decoder_frames(
+            syntax, options, indices, plugin, jpeg, lambda: pixel_data, lambda: source
         )
-        for arr, properties in frames:
-            yield arr, str(properties.get("photometric_interpretation", ""))
         return
     with open(source.path, "rb") as f:
         f.seek(source.pixel_offset)
@@ -435,27 +425,42 @@ def _raw_frames(
             photometric = str(options["photometric_interpretation"])
             yield from _plain_frames(f, shape, indices, photometric)
             return
-        if _jpeg_rgb_options(options, syntax, plugin):
-            value = f.tell()
+        value = f.tell()
 
-            def rewound() -> BinaryIO:
-                f.seek(value)
-                return f
-
-            served = yield from _jpeg_rgb_frames(rewound, options, indices)
-            if served == len(indices):
-                return
-            indices = indices[served:]
+        def rewound() -> BinaryIO:
             f.seek(value)
-        frames = get_decoder(syntax).iter_array(
-            f,
-            indices=_pydicom_indices(indices, options),
-            raw=True,
-            decoding_plugin=plugin,
-            **options,
-        )
-        for arr, properties in frames:
-            yield arr, str(properties.get("photometric_interpretation", ""))
+            return f
+
+        jpeg = _jpeg_rgb_options(options, syntax, plugin)
+        yield from _decoder_frames(syntax, options, indices, plugin, jpeg, rewound, rewound)
+
+
+def _decoder_frames(
+    syntax: UID,
+    options: dict[str, Any],
+    indices: list[int],
+    plugin: str,
+    jpeg: bool,
+    encapsulated: Callable[[], bytes | BinaryIO],
+    decoder_source: Callable[[], Dataset | BinaryIO],
+) -> Generator[tuple[np.ndarray, str], None, None]:
+    """The frames of ``indices``: YCbCr JPEG ones from libjpeg-turbo while ``jpeg`` streams allow
+    (:func:`_jpeg_rgb_frames`), the rest raw from pydicom's decoder, reading ``decoder_source()``.
+    """
+    if jpeg:
+        served = yield from _jpeg_rgb_frames(encapsulated, options, indices)
+        if served == len(indices):
+            return
+        indices = indices[served:]
+    frames = get_decoder(syntax).iter_array(
+        decoder_source(),
+        indices=_pydicom_indices(indices, options),
+        raw=True,
+        decoding_plugin=plugin,
+        **options,
+    )
+    for arr, properties in frames:
+        yield arr, str(properties.get("photometric_interpretation", ""))
 
 
 def _preferred_plugin(syntax: UID) -> str:
