@@ -74,7 +74,7 @@ def _watch_parent(parent: int, stop: threading.Event, interval: float = 1.0) -> 
 
 
 def _child(settings_data: dict[str, Any], index: int, parent: int) -> None:
-    from pipelines.clean import keep_freed_memory
+    from pipelines.memory import keep_freed_memory
 
     keep_freed_memory()  # frame-sized arrays reuse freed memory instead of new pages
     settings = load_settings(None, **settings_data)

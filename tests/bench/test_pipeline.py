@@ -15,7 +15,7 @@ squash, ImageNet normalisation):
   (Explicit VR Little Endian RGB) and JPEG Baseline (YBR_FULL_422, quality 95).
 
 Each measurement runs in fresh ``spawn`` processes with OpenCV and OpenBLAS held to one thread
-each and the allocator set to reuse freed memory (:func:`pipelines.clean.keep_freed_memory`), as
+each and the allocator set to reuse freed memory (:func:`pipelines.memory.keep_freed_memory`), as
 usfmd's worker processes run (one per core): first one process (1 core), then two at once
 on the same workload (2 cores, aggregate). Every process does one untimed warm-up pass, then
 ``ROUNDS`` timed passes, the processes starting each together; the best round counts. Reported
@@ -90,7 +90,7 @@ def _one_pass(paths: list[str]) -> Pass:
 
 def run_worker(paths: list[str], rounds: int, barrier: Any) -> list[Pass]:
     """A worker process: warm up, then ``rounds`` timed passes, each started with the others."""
-    from pipelines.clean import keep_freed_memory
+    from pipelines.memory import keep_freed_memory
 
     keep_freed_memory()  # as usfmd's worker processes do at start
     _one_pass(paths)

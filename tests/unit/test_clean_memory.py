@@ -21,7 +21,8 @@ _WORKER = """
 import resource, sys
 import cv2
 cv2.setNumThreads(1)
-from pipelines.clean import clean_instance, keep_freed_memory
+from pipelines.clean import clean_instance
+from pipelines.memory import keep_freed_memory
 from pipelines.preprocess import USF_MAE, preprocess
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
