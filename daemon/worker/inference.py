@@ -36,16 +36,27 @@ SR_SERIES_NUMBER = 9900
 
 #: Per task: the version id and the predictor of its model in this process.
 _predictors: dict[str, tuple[int, Predictor]] = {}
+#: Guards the two dicts only; building a predictor holds its task's own lock, so a minute of
+#: compiling one task's model (``models.compile``) never holds up another task's jobs.
 _predictors_lock = threading.Lock()
+_building: dict[str, threading.Lock] = {}
 
 
 def predictor_for(loaded: LoadedModel) -> Predictor:
     """One :class:`Predictor` per task's model version in this process (the model moves to its
     device once); a newly activated version replaces its task's older one."""
+    name = loaded.task.name
     with _predictors_lock:
-        found = _predictors.get(loaded.task.name)
-        if found is not None and found[0] == loaded.ref.id and found[1].model is loaded.model:
-            return found[1]
+        found = _current(loaded)
+        if found is not None:
+            return found
+        building = _building.setdefault(name, threading.Lock())
+    with building:
+        # Another job of this task may have built it while this one waited.
+        with _predictors_lock:
+            found = _current(loaded)
+        if found is not None:
+            return found
         predictor = Predictor(
             loaded.model,
             loaded.task,
@@ -56,8 +67,17 @@ def predictor_for(loaded: LoadedModel) -> Predictor:
             compiled=loaded.compiled,
         )
         predictor.warm_up()
-        _predictors[loaded.task.name] = (loaded.ref.id, predictor)
+        with _predictors_lock:
+            _predictors[name] = (loaded.ref.id, predictor)
         return predictor
+
+
+def _current(loaded: LoadedModel) -> Predictor | None:
+    """This version's predictor if this process has built it (caller holds the lock)."""
+    found = _predictors.get(loaded.task.name)
+    if found is not None and found[0] == loaded.ref.id and found[1].model is loaded.model:
+        return found[1]
+    return None
 
 
 def cam_target(loaded: LoadedModel) -> CamTarget:

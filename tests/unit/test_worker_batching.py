@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from daemon.worker.handlers import HANDLERS, PROBE, Outcome, WorkContext
 from daemon.worker.inference import TaskRun, predictor_for
 from daemon.worker.loop import Worker
 from pipelines.clean import Cleaner, CleanFrame
-from pipelines.infer import aggregate
+from pipelines.infer import Predictor, aggregate
 from pipelines.models import build_task_model, get_encoder_card, save_model_file
 from pipelines.phantom import frame_meta, make_cine, make_phantom
 from pipelines.phantom.dicom import phantom_dataset
@@ -291,3 +292,38 @@ def test_task_run_holds_the_batcher_until_the_job_ends(tmp_path: Path, model_fil
         pool.close()
     finally:
         db.dispose()
+
+
+def test_building_one_tasks_predictor_does_not_hold_up_another(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task whose predictor is still warming up (compiling, with ``models.compile``) leaves
+    the process's other tasks free to get theirs; its own second caller waits and shares it."""
+    slow = replace(loaded, task=replace(loaded.task, name="slow_task"))
+    entered, release = threading.Event(), threading.Event()
+    warm_up = Predictor.warm_up
+
+    def blocking_warm_up(self: Predictor) -> None:
+        if self.task.name == "slow_task":
+            entered.set()
+            assert release.wait(30)
+        warm_up(self)
+
+    monkeypatch.setattr(Predictor, "warm_up", blocking_warm_up)
+    got: list[Predictor] = []
+    builders = [threading.Thread(target=lambda: got.append(predictor_for(slow))) for _ in range(2)]
+    for thread in builders:
+        thread.start()
+    try:
+        assert entered.wait(30)
+        # The slow task holds only its own lock: another task's predictor comes at once.
+        other = threading.Thread(target=predictor_for, args=(loaded,))
+        other.start()
+        other.join(10)
+        assert not other.is_alive()
+        assert not got
+    finally:
+        release.set()
+        for thread in builders:
+            thread.join(30)
+    assert len(got) == 2 and got[0] is got[1]
