@@ -24,6 +24,7 @@ from pipelines.infer.predictor import (
     Probabilities,
     frame_rows,
     probabilities,
+    store_linear_weights_bf16,
 )
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "probabilities",
     "resolve_bf16",
     "select_device",
+    "store_linear_weights_bf16",
 ]

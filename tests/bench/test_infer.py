@@ -22,7 +22,8 @@ One run, on the device :func:`pipelines.infer.select_device` picks (CUDA when pr
 * a batch-size sweep of the default (``auto``) precision, and the same frames through
   ``Batcher(Predictor.predict)`` from 8 concurrent jobs of 20 frames (the daemon's path).
 
-Modes: ``fp32``; ``bf16-autocast`` (``torch.autocast``, fp32 weights); ``bf16`` (weights and
+Modes: ``fp32``; ``bf16-autocast`` (``torch.autocast`` with the Linear weights stored in bf16,
+as :class:`Predictor` runs it); ``bf16`` (weights and
 inputs cast to bf16); optional ``int8`` (``torch.ao`` dynamic quantisation of the Linear layers,
 AVX-512 VNNI), ``fp32-compile`` and ``bf16-compile`` (``torch.compile``, inductor with weight
 freezing; the second under bf16 autocast).
@@ -52,7 +53,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.infer import Batcher, Predictor, cpu_has_bf16, device_has_bf16, select_device
+from pipelines.infer import (
+    Batcher,
+    Predictor,
+    cpu_has_bf16,
+    device_has_bf16,
+    select_device,
+    store_linear_weights_bf16,
+)
 from pipelines.phantom import HEART_VIEWS, make_cine
 from pipelines.preprocess import USF_MAE, preprocess_batch
 from pipelines.tasks import get_task
@@ -160,7 +168,10 @@ def build_mode(name: str, model: Any, device: torch.device) -> Mode:
     if name == "fp32":
         return Mode(name, model, torch.float32, False)
     if name == "bf16-autocast":
-        return Mode(name, model, torch.float32, True)
+        # As Predictor runs it: autocast, with the Linear weights stored in bf16 once.
+        stored = copy.deepcopy(model)
+        store_linear_weights_bf16(stored)
+        return Mode(name, stored, torch.float32, True)
     if name == "bf16":
         return Mode(name, copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16, False)
     if name == "int8":

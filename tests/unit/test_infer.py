@@ -21,6 +21,7 @@ from pipelines.infer import (
     resolve_bf16,
     select_device,
 )
+from pipelines.models import build_task_model, get_encoder_card
 from pipelines.tasks import get_task
 
 from helpers import wait_for
@@ -180,6 +181,35 @@ def test_bf16_autocast_agrees_with_fp32_on_a_tiny_model() -> None:
     clear = (top2[:, 1] - top2[:, 0]) > 0.05
     assert clear.sum() >= 30
     np.testing.assert_array_equal(p16[clear].argmax(axis=1), p32[clear].argmax(axis=1))
+
+
+@pytest.mark.parametrize("encoder", ["usf-mae-vit-b16", "fetalclip-vit-l14", "resnet50"])
+def test_bf16_predictor_keeps_linear_weights_in_bf16_with_autocasts_exact_logits(
+    encoder: str,
+) -> None:
+    """Storing the Linear weights in bf16 saves autocast's per-pass casts and changes no bit:
+    timm's ViT, open_clip's ViT (its attention's own projections) and a CNN with a Linear head."""
+    overrides = dict(get_encoder_card(encoder).tiny_overrides)
+    model = build_task_model("heart_view", encoder, overrides=overrides).eval()
+    reference = build_task_model("heart_view", encoder, overrides=overrides).eval()
+    reference.load_state_dict(model.state_dict())
+    x = torch.from_numpy(_inputs(6, seed=9))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference(x).float()
+    predictor = Predictor(model, HEART, device="cpu", bf16="on")
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    others = [
+        p
+        for m in model.modules()
+        if not isinstance(m, torch.nn.Linear)
+        for p in m.parameters(recurse=False)
+    ]
+    assert others and all(p.dtype == torch.float32 for p in others)
+    assert torch.equal(torch.from_numpy(predictor.logits(x)), expected)
+    # Without bf16 the model is left as it came.
+    Predictor(reference, HEART, device="cpu", bf16="off")
+    assert all(p.dtype == torch.float32 for p in reference.parameters())
 
 
 # --- batcher -------------------------------------------------------------------------------------
