@@ -28,9 +28,9 @@ inputs cast to bf16); optional ``int8`` (``torch.ao`` dynamic quantisation of th
 AVX-512 VNNI), ``fp32-compile`` and ``bf16-compile`` (``torch.compile``, inductor with weight
 freezing; the second under bf16 autocast).
 
-Knobs (environment): USFMD_BENCH_INFER_FRAMES (default 1000), USFMD_BENCH_INFER_BATCH (32),
-USFMD_BENCH_INFER_THREADS (2; CPU only), USFMD_BENCH_INFER_MODES (fp32,bf16-autocast,bf16),
-USFMD_BENCH_INFER_SWEEP (8,16,32,64).
+Knobs (environment): USFMD_BENCH_INFER_FRAMES (default 1000), USFMD_BENCH_INFER_BATCH (the
+daemon's: 16 on CPU, 64 on CUDA), USFMD_BENCH_INFER_THREADS (2; CPU only),
+USFMD_BENCH_INFER_MODES (fp32,bf16-autocast,bf16), USFMD_BENCH_INFER_SWEEP (8,16,32,64).
 
 Goals printed, not asserted: the chosen precision reaches >= 60 % of the best matmul ceiling with
 top-1 agreement >= 99.5 % against fp32.
@@ -68,7 +68,10 @@ from pipelines.tasks import get_task
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(0)]
 
 N_FRAMES = int(os.environ.get("USFMD_BENCH_INFER_FRAMES", "1000"))
-BATCH = int(os.environ.get("USFMD_BENCH_INFER_BATCH", "32"))
+#: Default: the batch the daemon runs (``Predictor.preferred_batch``: 16 on CPU, 64 on CUDA).
+BATCH = int(os.environ.get("USFMD_BENCH_INFER_BATCH", "0")) or (
+    64 if torch.cuda.is_available() else 16
+)
 THREADS = int(os.environ.get("USFMD_BENCH_INFER_THREADS", "2"))
 MODES = [
     m for m in os.environ.get("USFMD_BENCH_INFER_MODES", "fp32,bf16-autocast,bf16").split(",") if m
