@@ -29,8 +29,8 @@ heatmap Secondary Captures and TID 1500 SRs → a running Orthanc, checked over 
 Goals (printed, not asserted: the machine is shared): daemon ≥ 85 % of model-only frames/s.
 Asserted: every result arrived, one SR and one heatmap per study, SRs name the synthetic model.
 
-Knobs: USFMD_BENCH_E2E_MODEL (``vit-b16`` | ``tiny``), USFMD_BENCH_E2E_CINES (4),
-USFMD_BENCH_E2E_FRAMES (25), USFMD_BENCH_E2E_LATENCY (5), USFMD_BENCH_E2E_WORKERS (2),
+Knobs: USFMD_BENCH_E2E_MODEL (``vit-b16`` | ``tiny``), USFMD_BENCH_E2E_CINES (8),
+USFMD_BENCH_E2E_FRAMES (50), USFMD_BENCH_E2E_LATENCY (5), USFMD_BENCH_E2E_WORKERS (2),
 USFMD_BENCH_E2E_JOBS (queue.jobs_per_worker, 4), USFMD_BENCH_E2E_THREADS (OMP_NUM_THREADS of the
 worker processes; default: usfmd's own, 1 per process), USFMD_BENCH_E2E_STABLE (0.5 s),
 USFMD_BENCH_E2E_COMPILE (1: ``models.compile`` on, and the model-only figure compiled too),
@@ -75,8 +75,9 @@ from orthanc_peer import Orthanc, run_orthanc
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(0)]
 
 MODEL = os.environ.get("USFMD_BENCH_E2E_MODEL", "vit-b16")
-CINES = int(os.environ.get("USFMD_BENCH_E2E_CINES", "4"))
-FRAMES = int(os.environ.get("USFMD_BENCH_E2E_FRAMES", "25"))
+#: 8 x 50 = 400 frames: ~25 s of steady state on a CPU (100 frames pass in a few seconds).
+CINES = int(os.environ.get("USFMD_BENCH_E2E_CINES", "8"))
+FRAMES = int(os.environ.get("USFMD_BENCH_E2E_FRAMES", "50"))
 LATENCY = int(os.environ.get("USFMD_BENCH_E2E_LATENCY", "5"))
 WORKERS = int(os.environ.get("USFMD_BENCH_E2E_WORKERS", "2"))
 JOBS = int(os.environ.get("USFMD_BENCH_E2E_JOBS", "4"))
