@@ -392,6 +392,9 @@ class PipelineSettings(_Section):
     #: Burned In Annotation NO.
     detect_band: bool = True
     inpaint: InpaintSettings = InpaintSettings()
+    #: Refuse frames whose inpainting mask covers more than this share of them (a colour-filled
+    #: or tinted image the fill would largely invent): the instance fails, naming the frame.
+    max_inpainted_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
 
     @field_validator("scrub_bands")
     @classmethod

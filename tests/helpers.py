@@ -77,6 +77,17 @@ def ultrasound_corpus() -> dict[str, Path]:
         return {path.name: path for path in ultrasound_files()}
 
 
+#: Corpus files with a frame that is mostly colour, refused by ``pipeline.max_inpainted_fraction``
+#: (0.25): file -> (frame, share its mask covers). A sector under a yellow colour map, and the
+#: second frame of the OB files, whose sector is filled blue.
+MOSTLY_COLOUR = {
+    "ExplVR_BigEnd.dcm": (0, "95.7%"),
+    "OBXXXX1A_2frame.dcm": (1, "37.6%"),
+    "OBXXXX1A_expb_2frame.dcm": (1, "37.6%"),
+    "OBXXXX1A_rle_2frame.dcm": (1, "37.6%"),
+}
+
+
 def ultrasound_files() -> tuple[Path, ...]:
     """Every ultrasound (Modality US) DICOM file shipped by pydicom and pydicom-data."""
     found = []

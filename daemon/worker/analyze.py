@@ -35,6 +35,7 @@ from pipelines.clean import (
     CleanParams,
     InstanceSummary,
     NoStripConfigured,
+    TooMuchToInpaint,
     clean_instance,
 )
 from pipelines.errors import DecodeError
@@ -76,6 +77,7 @@ def clean_params(settings: PipelineSettings) -> CleanParams:
         scrub=ScrubParams(strips=strips),
         inpaint=InpaintParams(**settings.inpaint.model_dump()),
         detect_band=settings.detect_band,
+        max_inpainted_fraction=settings.max_inpainted_fraction,
     )
 
 
@@ -105,6 +107,8 @@ def analyze_instance(
         ``should_stop`` gave a reason.
     pipelines.errors.DecodeError, pipelines.clean.NoStripConfigured
         The instance cannot be decoded or cleaned.
+    pipelines.clean.TooMuchToInpaint
+        A frame is mostly colour or marks (``pipeline.max_inpainted_fraction``).
     """
     summary = InstanceSummary()
     frames = clean_instance(path, params)
@@ -192,8 +196,8 @@ def _job_errors(ctx: WorkContext, job: ClaimedJob, target: InstanceFile) -> Iter
             queue.release(ctx.db, job, ctx.worker, datetime.now(UTC))
             raise JobReleased(exc.reason) from exc
         raise
-    except (DecodeError, NoStripConfigured) as exc:
-        # Both messages name the SOP Instance UID and the rule, never patient data.
+    except (DecodeError, NoStripConfigured, TooMuchToInpaint) as exc:
+        # The messages name the SOP Instance UID and the rule, never patient data.
         raise JobFailed(f"{type(exc).__name__}: {exc}", permanent=True) from exc
     except FileNotFoundError as exc:
         raise JobFailed(f"archived file missing: {target.path}") from exc

@@ -27,14 +27,20 @@ from daemon.service import open_archive, open_database
 from daemon.worker.analyze import AWAITING_REASON, Interrupted, analyze_instance, clean_params
 from daemon.worker.handlers import HANDLERS, JobFailed, JobReleased, WorkContext
 from daemon.worker.loop import Worker
-from pipelines.clean import Cleaner, CleanParams, NoStripConfigured, clean_instance
+from pipelines.clean import (
+    Cleaner,
+    CleanParams,
+    NoStripConfigured,
+    TooMuchToInpaint,
+    clean_instance,
+)
 from pipelines.decode import YBRConverter, iter_frames
 from pipelines.inpaint import InpaintParams, inpaint
 from pipelines.phantom import frame_meta, make_cine, make_phantom
 from pipelines.phantom.dicom import phantom_dataset
 from pipelines.scrub import ScrubParams, UnscrubbedFrameError, require_scrubbed, scrub_band
 
-from helpers import archive_stable, ultrasound_files
+from helpers import MOSTLY_COLOUR, archive_stable, ultrasound_files
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
@@ -224,6 +230,24 @@ def test_undecodable_instance_fails_without_patient_data(ctx: WorkContext) -> No
     assert failure.value.permanent
 
 
+def test_a_mostly_colour_instance_fails_for_good_naming_the_frame(ctx: WorkContext) -> None:
+    """A sector under a yellow colour map would be inpainted almost whole: refused, never shown
+    to a model, and not retried (the same pixels give the same answer)."""
+    sample = make_phantom(16, "head")
+    grey = sample.annotated.mean(axis=2)
+    # A yellow map over the sector, lifting dark speckle as tint maps do: ~30 % of the frame.
+    level = (np.clip(grey * 1.6 + 70, 0, 255) * (grey > 5)).astype(np.uint8)
+    yellow = np.stack([level, level, level // 10], axis=-1)
+    ds = phantom_dataset([dataclasses.replace(sample, annotated=yellow)])
+    _archive(ctx.db, ctx.archive, ds)
+    with pytest.raises(JobFailed) as failure:
+        HANDLERS[ANALYZE](ctx, _claim(ctx))
+    message = str(failure.value)
+    assert f"TooMuchToInpaint: SOP Instance {ds.SOPInstanceUID} frame 0" in message
+    assert "max_inpainted_fraction" in message and sample.patient.name not in message
+    assert failure.value.permanent
+
+
 def test_worker_dead_letters_a_permanent_failure_at_once(ctx: WorkContext) -> None:
     """Retrying cannot change the archived bytes: an undecodable instance is dead after one
     attempt (an operator can still ``usfmd jobs retry`` it)."""
@@ -324,7 +348,20 @@ def test_native_and_jpeg_frames_decode_to_what_the_phantom_holds(tmp_path: Path)
 @pytest.mark.parametrize("path", ultrasound_files(), ids=lambda p: p.name)
 def test_every_corpus_file_goes_through_decode_and_clean(path: Path) -> None:
     """Real scanners' files, including an ultrasound region that starts at the top row (no room
-    for a strip above it), which once crashed the strip detector."""
+    for a strip above it), which once crashed the strip detector; the mostly colour ones are
+    refused, naming the frame, and pass only with the limit off."""
     settings = load_settings(None)
-    summary = analyze_instance(path, clean_params(settings.pipeline))
+    params = clean_params(settings.pipeline)
+    if path.name in MOSTLY_COLOUR:
+        frame, share = MOSTLY_COLOUR[path.name]
+        with pytest.raises(TooMuchToInpaint, match=rf"frame {frame}: {share} of the frame"):
+            analyze_instance(path, params)
+        params = dataclasses.replace(params, max_inpainted_fraction=None)
+    summary = analyze_instance(path, params)
     assert summary.frames >= 1
+
+
+@pytest.mark.parametrize("limit", [0.0, -0.1, 1.01])
+def test_max_inpainted_fraction_must_be_a_share(limit: float) -> None:
+    with pytest.raises(ValueError, match="max_inpainted_fraction"):
+        CleanParams(max_inpainted_fraction=limit)

@@ -90,6 +90,8 @@ def test_list_from_environment_json(monkeypatch: pytest.MonkeyPatch) -> None:
         ("USFMD_STUDY__STABLE_SECONDS", "-1", "study.stable_seconds"),
         ("USFMD_STORAGE__MIN_FREE_SPACE", "lots", "storage.min_free_space"),
         ("USFMD_LOGGING__LEVEL", "LOUD", "logging.level"),
+        ("USFMD_PIPELINE__MAX_INPAINTED_FRACTION", "0", "pipeline.max_inpainted_fraction"),
+        ("USFMD_PIPELINE__MAX_INPAINTED_FRACTION", "1.5", "pipeline.max_inpainted_fraction"),
         ("USFMD_DICOM__CALLING_AES", '[{"ae_title": "X", "host": "not-an-ip"}]', "host"),
     ],
 )
@@ -158,3 +160,11 @@ def test_shipped_example_configuration_is_valid() -> None:
 def test_json_logging_switch_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("USFMD_LOGGING__JSON", "true")
     assert load_settings().logging.json_format is True
+
+
+def test_max_inpainted_fraction_reaches_the_clean_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    from daemon.worker.analyze import clean_params
+
+    assert clean_params(load_settings().pipeline).max_inpainted_fraction == 0.25
+    monkeypatch.setenv("USFMD_PIPELINE__MAX_INPAINTED_FRACTION", "0.4")
+    assert clean_params(load_settings().pipeline).max_inpainted_fraction == 0.4
