@@ -80,16 +80,22 @@ def claim(
     max_attempts: int,
     kinds: Sequence[str] | None = None,
     limit: int = 1,
+    defer_seconds: float = 0.0,
 ) -> list[ClaimedJob]:
     """Claim up to ``limit`` due jobs (oldest first), including ones whose lease expired.
 
     An idle worker polls often; a read-only look (index ``ix_jobs_state_not_before``) first
     keeps those polls from taking the write lock — on SQLite the receiver's too — and from
     running the claim's two updates when nothing is due.
+
+    ``defer_seconds``: take only jobs that have been due at least this long. A busy worker
+    process passes more (:meth:`daemon.worker.loop.Worker.run`), so a new job goes to the least
+    busy process polling the queue rather than to whichever polls first.
     """
+    ready = now - timedelta(seconds=defer_seconds)
     due = or_(
-        and_(Job.state.in_(CLAIMABLE), Job.not_before <= now),
-        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
+        and_(Job.state.in_(CLAIMABLE), Job.not_before <= ready),
+        and_(Job.state == JobState.RUNNING, Job.lease_expires_at < ready),
     )
     if kinds:
         due = and_(due, Job.kind.in_(list(kinds)))

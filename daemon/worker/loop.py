@@ -112,13 +112,18 @@ class Worker:
         One job is claimed at a time: when a job ends (its slot is refilled at once) or every
         ``poll_seconds``. A burst of new jobs is so shared between the worker processes polling
         the queue instead of filling the first one's slots while the others stay idle — on CPU
-        each process's model runs on its own core.
+        each process's model runs on its own core. A process running ``n`` jobs takes only jobs
+        due for ``n`` polls already, so a job that becomes due goes to the least busy process:
+        left to whichever polled first, 8 long cines split 4 + 4 between two processes only a
+        quarter of the time, and the process with fewer idled at the end (docs/benchmarks.md).
         """
         log.info("worker started", extra={"worker": self.ctx.worker, "slots": self.slots})
         poll = self.ctx.settings.queue.poll_seconds
         while not stop.is_set():
             try:
-                self._claim_and_start(limit=1)
+                with self._changed:
+                    busy = len(self._running)
+                self._claim_and_start(limit=1, defer_seconds=poll * busy)
             except Exception:  # noqa: BLE001 - DB outage etc.: log, wait, keep the worker alive
                 log.exception("worker loop error; retrying", extra={"worker": self.ctx.worker})
             with self._changed:
@@ -136,9 +141,11 @@ class Worker:
             queue.release(self.ctx.db, running.job, running.ctx.worker, _now())
             log.warning("job released at shutdown", extra={"job": running.job.id})
 
-    def _claim_and_start(self, limit: int | None = None) -> list[threading.Thread]:
+    def _claim_and_start(
+        self, limit: int | None = None, defer_seconds: float = 0.0
+    ) -> list[threading.Thread]:
         """One claim per free slot (at most ``limit``), under that slot's name, until the queue
-        has none due."""
+        has none due (for ``defer_seconds``: see :func:`daemon.db.queue.claim`)."""
         q = self.ctx.settings.queue
         started: list[threading.Thread] = []
         while not self.ctx.stopping.is_set() and (limit is None or len(started) < limit):
@@ -155,6 +162,7 @@ class Worker:
                 q.lease_seconds,
                 q.max_attempts,
                 kinds=list(self.handlers),
+                defer_seconds=defer_seconds,
             )
             if not jobs:
                 break

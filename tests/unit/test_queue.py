@@ -86,6 +86,19 @@ def test_expired_lease_is_reclaimed_and_stale_worker_loses(db: Database) -> None
     assert results(db) == 1
 
 
+def test_a_deferring_claim_takes_only_jobs_due_long_enough(db: Database) -> None:
+    """A busy worker process defers (``defer_seconds``): a job due for less than that is left to
+    an idler one; once due that long, or when its lease has expired that long, it is taken."""
+    (young,) = add(db)
+    soon = T0 + timedelta(seconds=0.4)
+    assert queue.claim(db, "busy", soon, LEASE, 5, defer_seconds=0.5) == []
+    assert [j.id for j in queue.claim(db, "busy", soon, LEASE, 5, defer_seconds=0.3)] == [young]
+    expired = soon + timedelta(seconds=LEASE + 0.4)  # the lease ran out 0.4 s ago
+    assert queue.claim(db, "busy", expired, LEASE, 5, defer_seconds=0.5) == []
+    (taken,) = queue.claim(db, "idle", expired, LEASE, 5)
+    assert taken.id == young and job(db, young).lease_owner == "idle"
+
+
 def test_heartbeat_extends_lease(db: Database) -> None:
     add(db)
     (claimed,) = queue.claim(db, "w", T0, LEASE, 5)

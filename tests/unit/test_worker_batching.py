@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -327,3 +328,44 @@ def test_building_one_tasks_predictor_does_not_hold_up_another(
         for thread in builders:
             thread.join(30)
     assert len(got) == 2 and got[0] is got[1]
+
+
+def test_a_busy_worker_defers_new_jobs_to_idler_ones(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each poll of a worker running n jobs asks only for jobs due n polls ago, so that a job
+    that just became due goes to the least busy process polling the queue."""
+    settings = load_settings(
+        None,
+        storage={"data_dir": str(tmp_path / "data"), "min_free_space": 0},
+        database={"url": db_url},
+        queue={"workers": 0, "poll_seconds": 0.05},
+    )
+    db = open_database(settings)
+    ctx = WorkContext(settings, db, open_archive(settings), "w")
+    worker = Worker(ctx, handlers={PROBE: _stop_when_lease_lost}, slots=3)
+    asked: list[tuple[int, float]] = []
+    claim = queue.claim
+
+    def recording_claim(*args: object, **kwargs: Any) -> list[queue.ClaimedJob]:
+        asked.append((len(worker.running()), kwargs["defer_seconds"]))
+        return claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queue, "claim", recording_claim)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    try:
+        with db.write() as session:
+            for _ in range(3):
+                queue.enqueue(session, PROBE, datetime.now(UTC), params={"seconds": 1.0})
+        thread.start()
+        deadline = time.monotonic() + 30
+        while len(worker.running()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(worker.running()) == 3
+    finally:
+        stop.set()
+        thread.join(30)
+        db.dispose()
+    assert {busy for busy, _ in asked} >= {0, 1, 2}
+    assert all(defer == pytest.approx(0.05 * busy) for busy, defer in asked)
