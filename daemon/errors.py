@@ -13,6 +13,10 @@ class ConfigError(UsfmdError):
     """The configuration (file or ``USFMD_*`` environment) is invalid."""
 
 
+class ListenError(UsfmdError):
+    """The DICOM listener cannot bind its address (port taken, address not on this host)."""
+
+
 class ConformanceError(UsfmdError):
     """A DICOM object or exchange does not conform to what the standard requires."""
 

@@ -30,6 +30,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from daemon.config import DicomSettings
+from daemon.errors import ListenError
 from daemon.receive import reactor, status
 from daemon.receive.handlers import Receiver
 from daemon.receive.policy import decide
@@ -228,16 +229,23 @@ class DicomServer:
             (evt.EVT_N_ACTION, self.receiver.on_n_action),
         ]
         ssl_context = server_context(self.dicom.tls) if self.dicom.tls.enabled else None
-        server = cast(
-            _Server,
-            self.ae.make_server(
-                (self.dicom.host, self.dicom.port),
-                evt_handlers=handlers,
-                ssl_context=ssl_context,
-                server_class=_Server,
-                request_handler=_RequestHandler,
-            ),
-        )
+        try:
+            server = cast(
+                _Server,
+                self.ae.make_server(
+                    (self.dicom.host, self.dicom.port),
+                    evt_handlers=handlers,
+                    ssl_context=ssl_context,
+                    server_class=_Server,
+                    request_handler=_RequestHandler,
+                ),
+            )
+        except OSError as exc:  # port taken, address not on this host, no permission (< 1024)
+            raise ListenError(
+                f"cannot listen on {self.dicom.host}:{self.dicom.port} ({exc.strerror or exc}): "
+                "another process may hold the port (another usfmd, a DICOM service); stop it "
+                "or set dicom.host / dicom.port"
+            ) from exc
         server.dicom = self.dicom
         server.incoming = self.receiver.archive.incoming
         self.ae._servers.append(server)  # so that server.shutdown() can unregister it

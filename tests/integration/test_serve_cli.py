@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,15 @@ def test_serve_refuses_bad_configuration(tmp_path: Path) -> None:
     result = _cli(env, "serve")
     assert result.returncode == 2
     assert "dicom.ae_title" in result.stderr and "backslash" in result.stderr
+
+
+def test_serve_on_a_taken_port_says_so_and_exits(tmp_path: Path) -> None:
+    """Another process holds the port: one clear line and exit status 2, not a traceback."""
+    port = free_port()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        result = _cli(_env(tmp_path, port), "serve")
+    assert result.returncode == 2, result.stderr
+    assert f"usfmd: error: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "dicom.port" in result.stderr and "Traceback" not in result.stderr
