@@ -171,20 +171,35 @@ def grid_activations(output: torch.Tensor, target: CamTarget) -> npt.NDArray[np.
     return np.ascontiguousarray(grid.detach().cpu().numpy(), dtype=np.float32)
 
 
+class OutputTap:
+    """A forward hook on ``layer`` that keeps its tensor outputs (detached) in ``seen`` until
+    :meth:`take` or :meth:`remove`."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.seen: list[torch.Tensor] = []
+        self._handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            self.seen.append(output.detach())
+
+    def take(self) -> list[torch.Tensor]:
+        """The outputs seen so far; the tap starts empty again."""
+        seen, self.seen = self.seen, []
+        return seen
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 @contextlib.contextmanager
 def capture_output(layer: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect what ``layer`` outputs during the block; the hook is removed on leaving it."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            seen.append(output.detach())
-
-    handle = layer.register_forward_hook(hook)
+    tap = OutputTap(layer)
     try:
-        yield seen
+        yield tap.seen
     finally:
-        handle.remove()
+        tap.remove()
 
 
 def first_component(activations: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

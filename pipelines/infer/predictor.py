@@ -20,6 +20,7 @@ import numpy.typing as npt
 import torch
 
 from pipelines.errors import PipelineError
+from pipelines.explain.eigencam import OutputTap
 from pipelines.infer.hardware import BF16Switch, resolve_bf16, select_device
 from pipelines.tasks import TaskSpec
 
@@ -113,8 +114,9 @@ class Predictor:
         a hook added later would make it recompile).
     compiled
         Run forward passes through ``torch.compile`` (inductor, weights frozen as constants):
-        1.5× ViT-B/16 under bf16 on CPU, where the eager model spends half its time outside
-        the matmuls (casts, GELU, LayerNorm; docs/benchmarks.md, Inference). Needs a C++
+        ViT-B/16 under bf16 on CPU ~1.1× faster with AVX512_BF16 and ~1.3-1.5× with AMX, where
+        the eager model spends half its time outside the matmuls (casts, GELU, LayerNorm;
+        docs/benchmarks.md, Inference). Needs a C++
         compiler at run time; each process compiles on its first batches (seconds to a minute;
         :meth:`warm_up`).
 
@@ -144,7 +146,9 @@ class Predictor:
         self.cam_target = cam_target
         self.compiled = compiled
         self._lock = threading.Lock()
-        self._tap = _Tap(cam_target.layer) if cam_target is not None else None
+        # Kept for the predictor's lifetime: a hook added later would make a compiled model
+        # recompile.
+        self._tap = OutputTap(cam_target.layer) if cam_target is not None else None
         self._forward_module: Callable[[torch.Tensor], Any] = self.model
         if self.bf16 and not compiled:
             store_linear_weights_bf16(self.model)
@@ -217,12 +221,10 @@ class Predictor:
         tap = self._tap
         with self._lock, self.context():
             if tap is not None:
-                tap.seen.clear()  # outputs of forwards run outside the predictor
+                tap.take()  # drop outputs of forwards run outside the predictor
             out = self._forward_module(batch)
             # Taken under the lock: the next forward refills the tap.
-            seen = [] if tap is None else list(tap.seen)
-            if tap is not None:
-                tap.seen.clear()
+            seen = [] if tap is None else tap.take()
         if not isinstance(out, torch.Tensor):
             raise InferenceError(f"the model returned {type(out).__name__}, expected a tensor")
         expected = self.task.num_outputs
@@ -281,7 +283,7 @@ class Predictor:
                 return eigen_cam(self.model, batch, target, bf16=self.bf16)
             finally:
                 if self._tap is not None:
-                    self._tap.seen.clear()
+                    self._tap.take()
 
 
 def store_linear_weights_bf16(model: torch.nn.Module) -> None:
@@ -301,20 +303,6 @@ def store_linear_weights_bf16(model: torch.nn.Module) -> None:
                     parameter = getattr(module, name)
                     if parameter is not None and parameter.dtype == torch.float32:
                         parameter.data = parameter.data.to(torch.bfloat16)
-
-
-class _Tap:
-    """A forward hook kept on one layer for a predictor's lifetime; ``seen`` holds its outputs
-    since the predictor last cleared it (read and cleared under the predictor's lock)."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        self.layer = layer
-        self.seen: list[torch.Tensor] = []
-        layer.register_forward_hook(self._hook)
-
-    def _hook(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            self.seen.append(output.detach())
 
 
 #: A structured array, one row per frame: ``probabilities`` (classes,) and ``activations``
