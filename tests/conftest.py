@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,20 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("USFMD_") and key != "USFMD_TEST_PG":
             monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs the CLI in process installs usfmd's stderr handler on the root logger,
+    bound to that test's capture stream; left there, every later log record hit the closed
+    stream ("--- Logging error ---", shown when a background thread logged between tests)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def _pg_database() -> Iterator[str]:
