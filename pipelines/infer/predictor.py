@@ -116,9 +116,8 @@ class Predictor:
         Run forward passes through ``torch.compile`` (inductor, weights frozen as constants):
         ViT-B/16 under bf16 on CPU ~1.1× faster with AVX512_BF16 and ~1.3-1.5× with AMX, where
         the eager model spends half its time outside the matmuls (casts, GELU, LayerNorm;
-        docs/benchmarks.md, Inference). Needs a C++
-        compiler at run time; each process compiles on its first batches (seconds to a minute;
-        :meth:`warm_up`).
+        docs/benchmarks.md, Inference). Needs a C++ compiler at run time; each process compiles
+        on its first batches (seconds to a minute; :meth:`warm_up`).
 
     With bf16 (not compiled), the model's Linear weights are stored in bf16
     (:func:`store_linear_weights_bf16`): the predictor owns its model, which from then on runs

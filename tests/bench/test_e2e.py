@@ -88,8 +88,8 @@ from orthanc_peer import Orthanc, run_orthanc
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(0)]
 
 MODEL = os.environ.get("USFMD_BENCH_E2E_MODEL", "vit-b16")
-#: 8 x 50 = 400 frames: ~25 s of steady state on a CPU (100 frames pass in a few seconds).
 ROUNDS = int(os.environ.get("USFMD_BENCH_E2E_ROUNDS", "3"))
+#: 8 x 50 = 400 frames a round: ~25 s of steady state on a bf16 CPU (100 frames pass in a few s).
 CINES = int(os.environ.get("USFMD_BENCH_E2E_CINES", "8"))
 FRAMES = int(os.environ.get("USFMD_BENCH_E2E_FRAMES", "50"))
 #: Frames per model-only pass: 8 batches of 16, ~40 s at fp32 on two AVX2 cores.
@@ -282,8 +282,9 @@ def _cines_per_process(db: Database) -> Counter[str]:
     return split
 
 
-def _predictor(path: Path) -> Predictor:
-    """The model file as a worker process runs it (``bf16`` auto, compiled when asked)."""
+def _predictor(path: Path, inputs: np.ndarray) -> Predictor:
+    """The model file as a worker process runs it (``bf16`` auto, compiled when asked), warmed
+    up on a batch of ``inputs``."""
     loaded = load_model_file(path, device="cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(
         loaded.model,
@@ -293,6 +294,7 @@ def _predictor(path: Path) -> Predictor:
         compiled=COMPILE,
     )
     predictor.warm_up()
+    predictor.predict(inputs[: predictor.preferred_batch])
     return predictor
 
 
@@ -310,8 +312,7 @@ def _timed_pass(predictor: Predictor, inputs: np.ndarray) -> float:
 def _layout_child(path: Path, inputs: np.ndarray, threads: int, conn: Connection) -> None:
     """One process of the daemon's layout: times a pass over its share whenever asked."""
     torch.set_num_threads(threads)
-    predictor = _predictor(path)
-    predictor.predict(inputs[: predictor.preferred_batch])  # warm-up
+    predictor = _predictor(path, inputs)
     conn.send("ready")
     while conn.recv() == "run":
         conn.send(_timed_pass(predictor, inputs))
@@ -328,8 +329,7 @@ class _ModelOnly:
 
     def __init__(self, path: Path, inputs: np.ndarray) -> None:
         self.inputs = inputs
-        self.predictor = _predictor(path)
-        self.predictor.predict(inputs[: self.predictor.preferred_batch])  # warm-up
+        self.predictor = _predictor(path, inputs)
         self.threads = int(THREADS or 1)
         self.children: list[tuple[BaseProcess, Connection]] = []
         if self.predictor.device.type == "cpu" and WORKERS > 1:

@@ -37,13 +37,9 @@ def test_configure_is_idempotent_and_caps_pynetdicom() -> None:
     foreign = [h for h in root.handlers if not getattr(h, "_usfmd", False)]
     configure_logging("DEBUG", json_format=True)
     configure_logging("INFO", json_format=False)
-    try:
-        ours = [h for h in root.handlers if getattr(h, "_usfmd", False)]
-        assert len(ours) == 1 and len(root.handlers) == len(foreign) + 1
-        assert logging.getLogger("pynetdicom").level == logging.WARNING
-    finally:
-        for handler in ours:
-            root.removeHandler(handler)
+    ours = [h for h in root.handlers if getattr(h, "_usfmd", False)]  # removed by conftest
+    assert len(ours) == 1 and len(root.handlers) == len(foreign) + 1
+    assert logging.getLogger("pynetdicom").level == logging.WARNING
 
 
 @pytest.mark.parametrize("fmt", [JsonFormatter(), PlainFormatter()])
