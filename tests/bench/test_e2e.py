@@ -24,7 +24,8 @@ heatmap Secondary Captures and TID 1500 SRs → a running Orthanc, checked over 
   design), and raw.
 * **Model only**: the same model file through :class:`pipelines.infer.Predictor` on the first
   round's frames already preprocessed (``USFMD_BENCH_E2E_MODEL_ONLY_FRAMES``), at its preferred
-  batch, while the daemon idles between rounds, in two layouts: one process with every core,
+  batch, between rounds while the daemon's processes are stopped (SIGSTOP: idle, they still
+  poll), in two layouts: one process with every core,
   and (CPU) the daemon's own, ``WORKERS`` processes with its threads each at the same time. A
   round's ratio is its daemon frames/s over the better layout's mean of the passes just before
   and just after it: a shared VM's speed drifts by ~10 % over minutes, and only passes that
@@ -154,7 +155,11 @@ def _settings(data: Path, port: int, pacs: Orthanc) -> tuple[Settings, dict[str,
 def _serve(env: dict[str, str], log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve"], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "daemon.cli", "serve"],
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # its own process group, for _frozen
         )
 
     def ready() -> bool:
@@ -177,6 +182,17 @@ def _serve(env: dict[str, str], log: Path, port: int) -> Iterator[subprocess.Pop
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@contextmanager
+def _frozen(serve: subprocess.Popen[bytes]) -> Iterator[None]:
+    """The daemon and its worker processes stopped (SIGSTOP) while the block runs: between
+    rounds it has no work, but its polling loops would still take CPU from a model-only pass."""
+    os.killpg(serve.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(serve.pid, signal.SIGCONT)
 
 
 @contextmanager
@@ -452,11 +468,12 @@ def test_end_to_end_throughput_and_latency(tmp_path: Path) -> None:
                     break
 
             # Throughput: rounds of cines in one association each, until every heatmap and SR
-            # is held, bracketed by model-only passes (the daemon idles during those).
+            # is held, bracketed by model-only passes (the daemon is stopped during those).
             rounds: list[_Round] = []
-            model_rates = model_only.rates()
+            with _frozen(serve):
+                model_rates = model_only.rates()
             done: Counter[str] = Counter()
-            with _profiled(serve.pid):  # the daemon only polls during model-only passes
+            with _profiled(serve.pid):  # the daemon is stopped during model-only passes
                 for files in rounds_files:
                     start = time.monotonic()
                     sent = _send(port, files)
@@ -466,7 +483,8 @@ def test_end_to_end_throughput_and_latency(tmp_path: Path) -> None:
                     now = _cines_per_process(db)
                     split = sorted((now - done).values(), reverse=True)
                     done = now
-                    before, model_rates = model_rates, model_only.rates()
+                    with _frozen(serve):
+                        before, model_rates = model_rates, model_only.rates()
                     rounds.append(_Round(elapsed, sent - start, split, before, model_rates))
             model_only.close()
 

@@ -7,7 +7,8 @@ Run:  pytest tests/bench/test_infer.py -s -m bench
 One run, on the device :func:`pipelines.infer.select_device` picks (CUDA when present, else CPU):
 
 * matmul ceilings: large fp32 and bf16 GEMMs (square 2048, 8192 on a GPU, and the ViT-B MLP shapes
-  at batch 32), best of many 0.3 s bursts sampled before and after each mode's pass;
+  at batch 32), best of many 0.3 s bursts sampled before and after each mode's pass; bf16 only
+  where the device has it natively or a bf16 mode runs (emulated, it takes minutes a sample);
 * timm ``vit_base_patch16_224``, random init, no download; FLOPs per frame counted with
   ``torch.utils.flop_counter`` (attention matmuls included: 35.1 GFLOP = 2 x 17.6 GMAC);
 * N phantom frames (``pipelines.phantom`` cines, head and heart, through the USF-MAE
@@ -111,10 +112,25 @@ def gemm_ceiling(dtype: torch.dtype, device: torch.device, burst: float = 0.3) -
     return best
 
 
-def sample_ceilings(ceilings: dict[str, float], device: torch.device) -> None:
+def ceiling_dtypes(device: torch.device, modes: list[str]) -> dict[str, torch.dtype]:
+    """The dtypes whose ceiling this run samples: bf16 only where the device has it or a bf16
+    mode runs (emulated bf16 GEMMs reach ~1 GFLOP/s on an AVX2 CPU: minutes per sample)."""
+    dtypes = {"fp32": torch.float32}
+    if device_has_bf16(device) or any(m.startswith("bf16") for m in modes):
+        dtypes["bf16"] = torch.bfloat16
+    return dtypes
+
+
+def sample_ceilings(
+    ceilings: dict[str, float], dtypes: dict[str, torch.dtype], device: torch.device
+) -> None:
     """Raise each dtype's ceiling to what a new sample reaches (called between the model runs)."""
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in dtypes.items():
         ceilings[name] = max(ceilings.get(name, 0.0), gemm_ceiling(dtype, device))
+
+
+def describe(ceilings: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.0f}" for name, value in ceilings.items()) + " GFLOP/s"
 
 
 def flops_per_frame(model: Any, device: torch.device) -> float:
@@ -303,11 +319,9 @@ def test_inference_throughput_and_agreement() -> None:
     if device.type == "cuda":
         print(f"[infer] gpu={torch.cuda.get_device_name(device)}")
     ceilings: dict[str, float] = {}
-    sample_ceilings(ceilings, device)
-    print(
-        f"[infer] GEMM ceiling (first sample): fp32 {ceilings['fp32']:.0f}, "
-        f"bf16 {ceilings['bf16']:.0f} GFLOP/s"
-    )
+    dtypes = ceiling_dtypes(device, MODES)
+    sample_ceilings(ceilings, dtypes, device)
+    print(f"[infer] GEMM ceiling (first sample): {describe(ceilings)}")
 
     torch.manual_seed(0)  # the same random init whatever the ceiling samples drew before
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=5)
@@ -330,7 +344,7 @@ def test_inference_throughput_and_agreement() -> None:
             f"median batch {passes[name].median:.2f}, best batch {passes[name].best:.2f} "
             f"(load average {os.getloadavg()[0]:.1f})"
         )
-        sample_ceilings(ceilings, device)
+        sample_ceilings(ceilings, dtypes, device)
     assert "fp32" in passes, "fp32 is the reference: keep it in USFMD_BENCH_INFER_MODES"
 
     reference = passes["fp32"].features
@@ -346,10 +360,7 @@ def test_inference_throughput_and_agreement() -> None:
     )
     spread = (reference - reference.mean(dim=0)).norm(dim=1).mean().item()
     best = max(ceilings.values())
-    print(
-        f"[infer] GEMM ceiling (best sample): fp32 {ceilings['fp32']:.0f}, "
-        f"bf16 {ceilings['bf16']:.0f} GFLOP/s"
-    )
+    print(f"[infer] GEMM ceiling (best sample): {describe(ceilings)}")
     print(
         "[infer] mode           best f/s  GFLOP/s  %own-ceiling  %best-ceiling  "
         "agree(label)  agree(centred)  feature-error/spread"
