@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from daemon.db.engine import Database
 from daemon.db.models import Job, JobResult, JobState
-from daemon.db.sql import insert_ignore
+from daemon.db.sql import insert_ignore, lease_rows
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +104,19 @@ def claim(
             return []
     with db.write() as session:
         dead_letter_expired(session, now, max_attempts)
-        candidates = select(Job.id).where(due).order_by(Job.id).limit(limit)
-        if not db.is_sqlite:
-            candidates = candidates.with_for_update(skip_locked=True)
+        claim = lease_rows(
+            Job,
+            select(Job.id).where(due).order_by(Job.id).limit(limit),
+            skip_locked=not db.is_sqlite,
+            state=JobState.RUNNING,
+            owner=worker,
+            lease_seconds=lease_seconds,
+            now=now,
+        )
         rows = session.execute(
-            update(Job)
-            .where(Job.id.in_(candidates.scalar_subquery()))
-            .values(
-                state=JobState.RUNNING,
-                lease_owner=worker,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempts=Job.attempts + 1,
-                updated_at=now,
+            claim.returning(
+                Job.id, Job.kind, Job.instance_pk, Job.study_pk, Job.params, Job.attempts
             )
-            .returning(Job.id, Job.kind, Job.instance_pk, Job.study_pk, Job.params, Job.attempts)
-            .execution_options(synchronize_session=False)
         ).all()
     return [
         ClaimedJob(r.id, r.kind, r.instance_pk, r.study_pk, dict(r.params or {}), r.attempts)
@@ -223,35 +221,40 @@ def release(db: Database, job: ClaimedJob, worker: str, now: datetime) -> None:
 
 def retry(db: Database, job_ids: Sequence[int], now: datetime) -> int:
     """Operator retry: put dead/failed/cancelled/awaiting jobs back in line with fresh attempts."""
-    with db.write() as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id.in_(list(job_ids)), Job.state.in_(RETRYABLE))
-            .values(
-                state=JobState.QUEUED,
-                attempts=0,
-                not_before=now,
-                updated_at=now,
-                finished_at=None,
-                last_error=None,
-            )
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+    return _operator_update(
+        db,
+        job_ids,
+        RETRYABLE,
+        state=JobState.QUEUED,
+        attempts=0,
+        not_before=now,
+        updated_at=now,
+        finished_at=None,
+        last_error=None,
+    )
 
 
 def cancel(db: Database, job_ids: Sequence[int], now: datetime) -> int:
     """Operator cancel; a running job's worker then fails to complete and drops its effect."""
+    return _operator_update(
+        db,
+        job_ids,
+        CANCELLABLE,
+        state=JobState.CANCELLED,
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=now,
+        finished_at=now,
+    )
+
+
+def _operator_update(
+    db: Database, job_ids: Sequence[int], states: Sequence[JobState], **values: Any
+) -> int:
+    """Set ``values`` on the named jobs that are in one of ``states``; how many changed."""
     with db.write() as session:
         result = session.execute(
-            update(Job)
-            .where(Job.id.in_(list(job_ids)), Job.state.in_(CANCELLABLE))
-            .values(
-                state=JobState.CANCELLED,
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-                finished_at=now,
-            )
+            update(Job).where(Job.id.in_(list(job_ids)), Job.state.in_(states)).values(**values)
         )
         return int(result.rowcount)  # type: ignore[attr-defined]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Select, Update, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 
@@ -21,3 +22,35 @@ def insert_ignore(conn: Connection, model: type[Any], values: dict[str, Any]) ->
     # RETURNING, not rowcount: the driver-level rowcount of ON CONFLICT DO NOTHING is not
     # reported consistently across backends and SQLAlchemy execution paths.
     return conn.execute(stmt.returning(model.id)).first() is not None
+
+
+def lease_rows(
+    model: type[Any],
+    candidates: Select[Any],
+    *,
+    skip_locked: bool,
+    state: Any,
+    owner: str,
+    lease_seconds: float,
+    now: datetime,
+) -> Update:
+    """UPDATE that leases the rows ``candidates`` selects (ids) to ``owner``, counting an attempt.
+
+    ``skip_locked`` (PostgreSQL): rows another claimer has locked are passed over, so concurrent
+    claimers on many hosts take different rows instead of waiting for each other; SQLite has one
+    writer at a time and no row locks. The caller adds RETURNING.
+    """
+    if skip_locked:
+        candidates = candidates.with_for_update(skip_locked=True)
+    return (
+        update(model)
+        .where(model.id.in_(candidates.scalar_subquery()))
+        .values(
+            state=state,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=model.attempts + 1,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )

@@ -27,6 +27,7 @@ from daemon.config import DispatchSettings
 from daemon.db.engine import Database
 from daemon.db.models import Instance, OutboxItem, OutboxState
 from daemon.db.queue import backoff_seconds
+from daemon.db.sql import lease_rows
 from daemon.errors import UsfmdError
 
 #: States an association may claim from (FAILED waits for its back-off in ``not_before``).
@@ -192,24 +193,17 @@ def claim(
         )
         if int(busy or 0) >= max_associations:
             return []
-        candidates = (
-            select(OutboxItem.id).where(_due(destination, now)).order_by(OutboxItem.id).limit(limit)
+        due = select(OutboxItem.id).where(_due(destination, now))
+        claim = lease_rows(
+            OutboxItem,
+            due.order_by(OutboxItem.id).limit(limit),
+            skip_locked=not db.is_sqlite,
+            state=OutboxState.SENDING,
+            owner=owner,
+            lease_seconds=lease_seconds,
+            now=now,
         )
-        if not db.is_sqlite:
-            candidates = candidates.with_for_update(skip_locked=True)
-        ids = session.scalars(
-            update(OutboxItem)
-            .where(OutboxItem.id.in_(candidates.scalar_subquery()))
-            .values(
-                state=OutboxState.SENDING,
-                lease_owner=owner,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-                attempts=OutboxItem.attempts + 1,
-                updated_at=now,
-            )
-            .returning(OutboxItem.id)
-            .execution_options(synchronize_session=False)
-        ).all()
+        ids = session.scalars(claim.returning(OutboxItem.id)).all()
         if not ids:
             return []
         rows = session.execute(
