@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from daemon.db.engine import Database
 from daemon.db.models import Job, JobResult, JobState
-from daemon.db.sql import insert_ignore, lease_rows
+from daemon.db.sql import insert_ignore, lease_rows, update_where
 
 log = logging.getLogger(__name__)
 
@@ -221,10 +221,10 @@ def release(db: Database, job: ClaimedJob, worker: str, now: datetime) -> None:
 
 def retry(db: Database, job_ids: Sequence[int], now: datetime) -> int:
     """Operator retry: put dead/failed/cancelled/awaiting jobs back in line with fresh attempts."""
-    return _operator_update(
+    return update_where(
         db,
-        job_ids,
-        RETRYABLE,
+        Job,
+        and_(Job.id.in_(list(job_ids)), Job.state.in_(RETRYABLE)),
         state=JobState.QUEUED,
         attempts=0,
         not_before=now,
@@ -236,27 +236,16 @@ def retry(db: Database, job_ids: Sequence[int], now: datetime) -> int:
 
 def cancel(db: Database, job_ids: Sequence[int], now: datetime) -> int:
     """Operator cancel; a running job's worker then fails to complete and drops its effect."""
-    return _operator_update(
+    return update_where(
         db,
-        job_ids,
-        CANCELLABLE,
+        Job,
+        and_(Job.id.in_(list(job_ids)), Job.state.in_(CANCELLABLE)),
         state=JobState.CANCELLED,
         lease_owner=None,
         lease_expires_at=None,
         updated_at=now,
         finished_at=now,
     )
-
-
-def _operator_update(
-    db: Database, job_ids: Sequence[int], states: Sequence[JobState], **values: Any
-) -> int:
-    """Set ``values`` on the named jobs that are in one of ``states``; how many changed."""
-    with db.write() as session:
-        result = session.execute(
-            update(Job).where(Job.id.in_(list(job_ids)), Job.state.in_(states)).values(**values)
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def enqueue(

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Select, Update, update
+from sqlalchemy import ColumnElement, Connection, Select, Update, update
 from sqlalchemy.dialects import postgresql, sqlite
+
+from daemon.db.engine import Database
 
 
 def insert_ignore(conn: Connection, model: type[Any], values: dict[str, Any]) -> bool:
@@ -54,3 +56,11 @@ def lease_rows(
         )
         .execution_options(synchronize_session=False)
     )
+
+
+def update_where(db: Database, model: type[Any], where: ColumnElement[bool], **values: Any) -> int:
+    """Set ``values`` on the rows of ``model`` that ``where`` selects, in one write transaction;
+    how many rows changed (an operator's retry or cancel)."""
+    with db.write() as session:
+        result = session.execute(update(model).where(where).values(**values))
+        return int(result.rowcount)  # type: ignore[attr-defined]

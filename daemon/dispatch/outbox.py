@@ -27,7 +27,7 @@ from daemon.config import DispatchSettings
 from daemon.db.engine import Database
 from daemon.db.models import Instance, OutboxItem, OutboxState
 from daemon.db.queue import backoff_seconds
-from daemon.db.sql import lease_rows
+from daemon.db.sql import lease_rows, update_where
 from daemon.errors import UsfmdError
 
 #: States an association may claim from (FAILED waits for its back-off in ``not_before``).
@@ -343,39 +343,33 @@ def retry(
         raise UsfmdError(
             f"cannot retry rows in state(s) {bad}; retryable: {[s.value for s in RETRYABLE]}"
         )
-    with db.write() as session:
-        result = session.execute(
-            update(OutboxItem)
-            .where(_selection(ids, destination, chosen))
-            .values(
-                state=OutboxState.PENDING,
-                attempts=0,
-                not_before=now,
-                updated_at=now,
-                lease_owner=None,
-                lease_expires_at=None,
-                last_error=None,
-            )
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+    return update_where(
+        db,
+        OutboxItem,
+        _selection(ids, destination, chosen),
+        state=OutboxState.PENDING,
+        attempts=0,
+        not_before=now,
+        updated_at=now,
+        lease_owner=None,
+        lease_expires_at=None,
+        last_error=None,
+    )
 
 
 def cancel(
     db: Database, now: datetime, ids: Sequence[int] | None = None, destination: str | None = None
 ) -> int:
     """Operator cancel; an association sending the object then fails to record it."""
-    with db.write() as session:
-        result = session.execute(
-            update(OutboxItem)
-            .where(_selection(ids, destination, CANCELLABLE))
-            .values(
-                state=OutboxState.CANCELLED,
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-        )
-        return int(result.rowcount)  # type: ignore[attr-defined]
+    return update_where(
+        db,
+        OutboxItem,
+        _selection(ids, destination, CANCELLABLE),
+        state=OutboxState.CANCELLED,
+        lease_owner=None,
+        lease_expires_at=None,
+        updated_at=now,
+    )
 
 
 def list_items(
