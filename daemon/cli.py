@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 
 from daemon import __version__
 from daemon.config import Settings, load_settings
@@ -20,6 +21,15 @@ def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     configure_logging(settings.logging.level, settings.logging.json_format)
     return settings
+
+
+def _timestamp(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _first_line(error: str | None, width: int = 80) -> str:
+    """An error's first line, cut to a table column (the full text stays in the database)."""
+    return error.splitlines()[0][:width] if error else ""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -142,10 +152,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                         "state": j.state.value,
                         "attempts": j.attempts,
                         "instance": j.instance_pk,
-                        "updated": j.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
-                        "last_error": (j.last_error or "").splitlines()[0][:80]
-                        if j.last_error
-                        else "",
+                        "updated": _timestamp(j.updated_at),
+                        "last_error": _first_line(j.last_error),
                     }
                     for j in jobs
                 ]
@@ -208,11 +216,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                         "attempts": i.attempts,
                         "status": None if i.last_status is None else f"0x{i.last_status:04X}",
                         "sop_instance_uid": i.sop_instance_uid,
-                        "updated": i.updated_at.strftime("%Y-%m-%d %H:%M:%S"),
-                        "next_attempt": i.not_before.strftime("%Y-%m-%d %H:%M:%S"),
-                        "last_error": (i.last_error or "").splitlines()[0][:80]
-                        if i.last_error
-                        else "",
+                        "updated": _timestamp(i.updated_at),
+                        "next_attempt": _timestamp(i.not_before),
+                        "last_error": _first_line(i.last_error),
                     }
                     for i in items
                 ]
