@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -134,3 +135,14 @@ def archive_stable(db: Database, archive: Archive, ds: pydicom.Dataset, now: dat
         study = session.scalar(select(Study).where(Study.study_instance_uid == ds.StudyInstanceUID))
         assert study is not None and mark_stable(session, study, now) == 1
     return relative
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for benchmark reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

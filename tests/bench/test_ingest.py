@@ -48,7 +48,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from helpers import free_port
+from helpers import cpu_model, free_port
 from orthanc_peer import run_orthanc
 
 pytestmark = pytest.mark.bench
@@ -366,16 +366,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def _verdict(ok: bool) -> str:
     return "MET" if ok else "NOT MET"
 
@@ -388,7 +378,7 @@ def test_ingest_throughput(corpus: Path, tmp_path: Path) -> None:
     times: dict[str, list[float]] = {name: [] for name in ONLY}
     cpus: dict[str, list[float]] = {name: [] for name in ONLY}
     print(
-        f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {_cpu_model()}; "
+        f"machine: {os.cpu_count()} CPUs, {platform.platform()}, {cpu_model()}; "
         f"load average {os.getloadavg()[0]:.2f}"
     )
     for round_no in range(1, ROUNDS + 1):

@@ -30,17 +30,15 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import platform
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import ultrasound_files
+from helpers import cpu_model, ultrasound_files
 
 pytestmark = pytest.mark.bench
 
@@ -165,21 +163,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, list[
     }
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def test_pipeline_throughput(inputs: dict[str, list[str]]) -> None:
     results = [measure(name, paths, cores) for name, paths in inputs.items() for cores in (1, 2)]
     print(
         f"\n== image stages: decode + scrub + inpaint + preprocess (USF-MAE), best of {ROUNDS} "
-        f"passes, {_cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
+        f"passes, {cpu_model()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}"
     )
     head = f"{'input':<48} {'cores':>5} {'frames/s':>9} {'per core (CPU)':>15} "
     head += " ".join(f"{s + ' ms':>13}" for s in STAGES) + f" {'total ms':>9}"
