@@ -120,4 +120,3 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     out = tmp_path_factory.mktemp("demo") / "heart_view-demo.pt"
     return train_demo(DemoConfig(), out)
-

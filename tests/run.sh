@@ -31,7 +31,8 @@ echo "== installing usfmd with test extras"
 .venv/bin/pip install -q -e '.[test]'
 
 echo "== lint and types"
-.venv/bin/ruff check daemon pipelines migrations tests
+.venv/bin/ruff check daemon pipelines training migrations tests
+.venv/bin/ruff format --check daemon pipelines training migrations tests
 .venv/bin/mypy
 
 echo "== tests (unit + integration with dcmtk, Orthanc, PostgreSQL)"

@@ -120,8 +120,7 @@ def order(routes: Sequence[Route]) -> tuple[Route, ...]:
     for r in routes:
         if r.requires is not None and r.requires.task not in routed:
             raise ValueError(
-                f"route for task {r.task!r} requires task {r.requires.task!r}, "
-                "which no route runs"
+                f"route for task {r.task!r} requires task {r.requires.task!r}, which no route runs"
             )
     done: list[Route] = []
     placed: set[str] = set()
@@ -149,9 +148,7 @@ def attributes_match(match: Mapping[str, str | tuple[str, ...]], header: Dataset
             return False
         values = [str(v) for v in value] if _is_multi(value) else [str(value)]
         wanted = (patterns,) if isinstance(patterns, str) else patterns
-        if not any(
-            fnmatch.fnmatchcase(v.upper(), p.upper()) for v in values for p in wanted
-        ):
+        if not any(fnmatch.fnmatchcase(v.upper(), p.upper()) for v in values for p in wanted):
             return False
     return True
 

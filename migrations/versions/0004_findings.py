@@ -44,9 +44,7 @@ def upgrade() -> None:
             name=op.f("fk_findings_model_version_pk_model_versions"),
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_findings")),
-        sa.UniqueConstraint(
-            "instance_pk", "model_version_pk", name="uq_findings_instance_version"
-        ),
+        sa.UniqueConstraint("instance_pk", "model_version_pk", name="uq_findings_instance_version"),
     )
     op.create_index("ix_findings_study_version", "findings", ["study_pk", "model_version_pk"])
     with op.batch_alter_table("jobs") as batch:

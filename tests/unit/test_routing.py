@@ -30,11 +30,15 @@ PLANE_TASK = {
 ROUTES = {
     "tasks": [PLANE_TASK],
     "routes": [
-        {"task": "ventriculomegaly", "requires": {"task": "brain_plane",
-                                                  "classes": ["transventricular"]}},
+        {
+            "task": "ventriculomegaly",
+            "requires": {"task": "brain_plane", "classes": ["transventricular"]},
+        },
         {"task": "brain_plane", "match": {"Modality": "US"}},
-        {"task": "heart_view", "match": {"Manufacturer": ["GE*", "Samsung*"],
-                                         "ImageType": "*PRIMARY*"}},
+        {
+            "task": "heart_view",
+            "match": {"Manufacturer": ["GE*", "Samsung*"], "ImageType": "*PRIMARY*"},
+        },
     ],
 }
 

@@ -27,7 +27,11 @@ def test_builtin_tasks_have_distinct_codes_and_outputs(task: TaskSpec) -> None:
 
 def test_paper_class_lists() -> None:
     assert get_task("heart_view").class_names == (
-        "aorta", "atrioventricular_flows", "v_sign", "x_sign", "other"
+        "aorta",
+        "atrioventricular_flows",
+        "v_sign",
+        "x_sign",
+        "other",
     )
     assert get_task("ventriculomegaly").class_names == ("normal", "ventriculomegaly")
     iq = get_task("image_quality")
@@ -39,8 +43,13 @@ def test_paper_class_lists() -> None:
     [
         ({"name": "Bad-Name"}, "lower-case"),
         ({"classes": (TaskClass("a", Code("A", USFMD_SCHEME, "A")),)}, "at least two"),
-        ({"head": "sigmoid", "classes": tuple(
-            TaskClass(n, Code(n, USFMD_SCHEME, n)) for n in "abc")}, "exactly two"),
+        (
+            {
+                "head": "sigmoid",
+                "classes": tuple(TaskClass(n, Code(n, USFMD_SCHEME, n)) for n in "abc"),
+            },
+            "exactly two",
+        ),
         ({"normal_class": "zzz"}, "not in"),
     ],
 )
@@ -49,8 +58,10 @@ def test_bad_task_definitions_are_refused(kwargs: dict[str, object], message: st
         "name": "extra_task",
         "title": "Extra",
         "finding": Code("X", USFMD_SCHEME, "X"),
-        "classes": (TaskClass("a", Code("A", USFMD_SCHEME, "A")),
-                    TaskClass("b", Code("B", USFMD_SCHEME, "B"))),
+        "classes": (
+            TaskClass("a", Code("A", USFMD_SCHEME, "A")),
+            TaskClass("b", Code("B", USFMD_SCHEME, "B")),
+        ),
     }
     with pytest.raises(ValueError, match=message):
         TaskSpec(**{**base, **kwargs})  # type: ignore[arg-type]
