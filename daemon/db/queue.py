@@ -107,7 +107,6 @@ def claim(
         claim = lease_rows(
             Job,
             select(Job.id).where(due).order_by(Job.id).limit(limit),
-            skip_locked=not db.is_sqlite,
             state=JobState.RUNNING,
             owner=worker,
             lease_seconds=lease_seconds,

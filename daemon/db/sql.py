@@ -30,7 +30,6 @@ def lease_rows(
     model: type[Any],
     candidates: Select[Any],
     *,
-    skip_locked: bool,
     state: Any,
     owner: str,
     lease_seconds: float,
@@ -38,15 +37,14 @@ def lease_rows(
 ) -> Update:
     """UPDATE that leases the rows ``candidates`` selects (ids) to ``owner``, counting an attempt.
 
-    ``skip_locked`` (PostgreSQL): rows another claimer has locked are passed over, so concurrent
-    claimers on many hosts take different rows instead of waiting for each other; SQLite has one
-    writer at a time and no row locks. The caller adds RETURNING.
+    On PostgreSQL the candidates are read ``FOR UPDATE SKIP LOCKED``: rows another claimer has
+    locked are passed over, so concurrent claimers on many hosts take different rows instead of
+    waiting for each other. SQLAlchemy renders no such clause for SQLite, which has one writer
+    at a time and no row locks. The caller adds RETURNING.
     """
-    if skip_locked:
-        candidates = candidates.with_for_update(skip_locked=True)
     return (
         update(model)
-        .where(model.id.in_(candidates.scalar_subquery()))
+        .where(model.id.in_(candidates.with_for_update(skip_locked=True).scalar_subquery()))
         .values(
             state=state,
             lease_owner=owner,

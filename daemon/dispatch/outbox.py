@@ -193,11 +193,10 @@ def claim(
         )
         if int(busy or 0) >= max_associations:
             return []
-        due = select(OutboxItem.id).where(_due(destination, now))
+        candidates = select(OutboxItem.id).where(_due(destination, now)).order_by(OutboxItem.id)
         claim = lease_rows(
             OutboxItem,
-            due.order_by(OutboxItem.id).limit(limit),
-            skip_locked=not db.is_sqlite,
+            candidates.limit(limit),
             state=OutboxState.SENDING,
             owner=owner,
             lease_seconds=lease_seconds,
