@@ -56,6 +56,29 @@ def test_claim_marks_running_and_is_exclusive(db: Database) -> None:
     assert (row.state, row.lease_owner, row.attempts) == (JobState.RUNNING, "w1", 1)
 
 
+def test_claim_passes_over_a_job_another_claimer_has_locked(db: Database) -> None:
+    """PostgreSQL, many hosts: a claim skips rows another transaction holds (SKIP LOCKED)
+    instead of waiting for it, and never takes them."""
+    if db.is_sqlite:
+        pytest.skip("SQLite has one writer at a time and no row locks")
+    first, second = add(db, 2)
+    claimed: list[list[queue.ClaimedJob]] = []
+    poll = threading.Thread(target=lambda: claimed.append(queue.claim(db, "w", T0, LEASE, 5)))
+    holder = db.engine.connect()
+    try:
+        holder.exec_driver_sql("BEGIN")
+        holder.execute(select(Job.id).where(Job.id == first).with_for_update())
+        poll.start()
+        poll.join(5)
+        assert not poll.is_alive(), "the claim waited for the locked job"
+        assert [[j.id for j in c] for c in claimed] == [[second]]
+    finally:
+        holder.rollback()
+        holder.close()
+        if poll.ident is not None:
+            poll.join(10)
+
+
 def test_not_before_and_kind_filter(db: Database) -> None:
     (future,) = add(db, 1, at=T0 + timedelta(seconds=60))
     assert queue.claim(db, "w", T0, LEASE, 5) == []
